@@ -1,0 +1,46 @@
+# The README's two commands: `make run` and `make test`. Both bootstrap .venv on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?=
+PROTO_FILES := $(shell find protos/router -name '*.proto')
+
+.PHONY: run test lint protos check-protos bench soak clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[embedded,gpu,dev]'
+	@touch $@
+
+## run: the router on 127.0.0.1:50051 (demo config unless CONFIG=path or ./config.json); Ctrl-C stops everything.
+run: $(STAMP)
+	$(PY) -m router $(if $(CONFIG),-c $(CONFIG))
+
+## test: lint the protos and code, check generated stubs, then the whole suite.
+test: $(STAMP) lint check-protos
+	$(PY) -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(VENV)/bin/buf format --diff --exit-code
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy router facade clients tests
+
+## protos: regenerate router/v1 from protos/ with the pinned grpcio-tools.
+protos: $(STAMP)
+	$(PY) -m router.codegen
+
+check-protos: $(STAMP)
+	$(PY) -m router.codegen --check
+
+bench: $(STAMP)
+	$(PY) -m tests.bench
+
+soak: $(STAMP)
+	$(PY) -m pytest -m soak -q
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,345 @@
+"""The pool: every model's supervisor, the room they share, liveness, preload, shutdown.
+
+The pool carries out the admission plans of ``scheduler.policy``: it reserves
+room for a model about to load, evicts idle models the plan names, makes a
+cold model wait while busy models finish a bounded batch, and serialises loads
+per device. It is the only place that sees all models at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from router.config import ModelConfig, Settings
+from router.errors import DeadlineExceeded, ModelNotFound, Unavailable
+from router.pool.command import EMBEDDED_SERVER, LaunchSpec
+from router.pool.health import LivenessMonitor
+from router.pool.registry import ChildRegistry
+from router.pool.snapshot import LoadStage, ModelKind, ModelSnapshot
+from router.pool.state import ModelState
+from router.pool.supervisor import PoolContext, Supervisor, SupervisorSettings
+from router.resources.devices import Inventory
+from router.scheduler.policy import (
+    Admit,
+    CandidateView,
+    DeviceView,
+    Evict,
+    Plan,
+    Refuse,
+    ResidentView,
+    Wait,
+    plan_admission,
+)
+from router.v1 import errors_pb2
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    device: str
+    memory_mib: int
+
+
+def launch_spec(alias: str, model: ModelConfig, settings: Settings) -> LaunchSpec:
+    system = settings.system
+    params = model.params
+    server_path = system.llama_server_path
+    return LaunchSpec(
+        alias=alias,
+        model_path=model.resolved_path,
+        server=(str(server_path),) if server_path else EMBEDDED_SERVER,
+        n_ctx=params.n_ctx,
+        slots=model.slots(system),
+        n_gpu_layers=params.n_gpu_layers,
+        n_batch=params.batch_override or params.n_batch,
+        ubatch_size=params.ubatch_size,
+        threads=params.threads or system.cpu_threads,
+        type_k=params.type_k,
+        type_v=params.type_v,
+        flash_attention=system.flash_attention,
+        use_mmap=system.use_mmap,
+        embedding=params.embedding,
+        pooling=params.pooling,
+        rope_freq_base=params.rope_freq_base,
+        chat_template=params.chat_template,
+        extra_args=tuple(params.extra_args),
+    )
+
+
+class Pool:
+    def __init__(
+        self,
+        settings: Settings,
+        publish: Callable[[ModelSnapshot], None],
+        inventory: Inventory,
+    ) -> None:
+        self.settings = settings
+        self._publish = publish
+        self.inventory = inventory
+        self._registry = ChildRegistry(settings.system.resolved_state_dir(settings.grpc))
+        self._session: aiohttp.ClientSession | None = None
+        self._supervisors: dict[str, Supervisor] = {}
+        self._reservations: dict[str, Reservation] = {}
+        self._load_turns: dict[str, asyncio.Semaphore] = {}
+        self._room_changed: asyncio.Future[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        system = settings.system
+        self.liveness = LivenessMonitor(
+            self.supervisors,
+            interval=system.probe_interval_sec,
+            timeout=system.probe_timeout_sec,
+            failures_to_replace=system.probe_failures_to_replace,
+        )
+
+    # ---- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._registry.acquire)
+        leftovers = await asyncio.to_thread(self._registry.reap_leftovers)
+        if leftovers:
+            _LOGGER.warning("stopped %d leftover children of an earlier run", len(leftovers))
+        system = self.settings.system
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=system.http_max_connections),
+            auto_decompress=False,
+        )
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            _LOGGER.warning("setpriv not found: children will not die with the router")
+        context = PoolContext(
+            session=self._session,
+            registry=self._registry,
+            admission=self,
+            publish=self._publish,
+            setpriv=setpriv,
+            log_ring_lines=system.log_ring_lines,
+            on_suspect=self.liveness.suspect,
+            measure_memory=self.inventory.process_memory_mib,
+        )
+        device_ids = tuple(d.id for d in self.inventory.devices())
+        for alias, model in self.settings.models.items():
+            self._supervisors[alias] = Supervisor(
+                alias, self._supervisor_settings(alias, model, device_ids), context
+            )
+        for supervisor in self._supervisors.values():
+            supervisor.created_at = await asyncio.to_thread(
+                _mtime, supervisor.settings.spec.model_path
+            )
+        self.spawn(self.liveness.run(), name="liveness")
+
+    def _supervisor_settings(
+        self, alias: str, model: ModelConfig, device_ids: tuple[str, ...]
+    ) -> SupervisorSettings:
+        system = self.settings.system
+        allowed = device_ids
+        if model.devices is not None:
+            allowed = tuple(d for d in device_ids if _gpu_index(d) in model.devices) or device_ids
+        return SupervisorSettings(
+            spec=launch_spec(alias, model, self.settings),
+            kind=ModelKind.EMBEDDING if model.is_embedding else ModelKind.CHAT,
+            env=dict(model.env),
+            pinned=model.pinned,
+            ttl_sec=model.effective_ttl(system),
+            max_queue=system.max_queue_size_per_model,
+            aging_dispatches=system.aging_dispatches,
+            queue_timeout_sec=system.queue_timeout_sec,
+            request_timeout_sec=system.request_timeout_sec,
+            wait_ready_sec=system.wait_ready_sec,
+            stop_grace_sec=system.stop_grace_sec,
+            drain_timeout_sec=system.drain_timeout_sec,
+            load_max_retries=system.model_load_max_retries,
+            failure_threshold=system.failure_threshold,
+            failure_cooldown_sec=system.failure_cooldown_sec,
+            allowed_devices=allowed,
+            on_gpu=not self.inventory.cpu_mode,
+            vram_multiplier=system.vram_multiplier,
+            min_vram_mib=system.min_vram_required,
+        )
+
+    def start_preload(self, done: Callable[[], None]) -> None:
+        """Load ``preload_models`` in the background, one after another."""
+        names = self.settings.system.preload_models
+        aliases = list(self._supervisors) if names == ["*"] else list(names)
+
+        async def preload() -> None:
+            try:
+                for alias in aliases:
+                    try:
+                        await self._supervisors[alias].load(wait=True, timeout=None)
+                    except Exception as error:  # a failed preload must not stop the others
+                        _LOGGER.warning("preload of %s failed: %s", alias, error)
+            finally:
+                done()
+
+        self.spawn(preload(), name="preload")
+
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def shutdown(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(
+            *(sup.shutdown() for sup in self._supervisors.values()), return_exceptions=True
+        )
+        if self._session is not None:
+            await self._session.close()
+        await asyncio.to_thread(self._registry.release)
+
+    # ---- lookups -------------------------------------------------------------
+
+    def get(self, alias: str) -> Supervisor:
+        supervisor = self._supervisors.get(alias)
+        if supervisor is None:
+            raise ModelNotFound(alias)
+        return supervisor
+
+    def supervisors(self) -> list[Supervisor]:
+        return list(self._supervisors.values())
+
+    def snapshots(self) -> tuple[ModelSnapshot, ...]:
+        return tuple(sup.snapshot() for sup in self._supervisors.values())
+
+    # ---- admission (the supervisor's Admission protocol) -----------------------
+
+    @contextlib.asynccontextmanager
+    async def admit(self, supervisor: Supervisor) -> AsyncIterator[str]:
+        """Reserve room for ``supervisor``, then hold its device's load turn."""
+        alias = supervisor.alias
+        deadline = time.monotonic() + self.settings.system.queue_timeout_sec
+        limit = self.settings.system.swap_batch_limit
+        held: list[Supervisor] = []
+        try:
+            while alias not in self._reservations:
+                candidate = self._candidate(supervisor)
+                plan = self.plan_for(supervisor)
+                if isinstance(plan, Admit):
+                    self._reservations[alias] = Reservation(plan.device, candidate.memory_mib)
+                elif isinstance(plan, Evict):
+                    supervisor.set_stage(LoadStage.EVICTING)
+                    await asyncio.gather(*(self._supervisors[v].evict() for v in plan.victims))
+                    supervisor.set_stage(LoadStage.WAITING_FOR_CAPACITY)
+                elif isinstance(plan, Wait):
+                    for blocker in plan.blockers:
+                        other = self._supervisors[blocker]
+                        if other.queue.budget is None:
+                            other.queue.set_budget(limit)
+                            held.append(other)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise DeadlineExceeded(
+                            f"no room to load model '{alias}' in time",
+                            reason=errors_pb2.ERROR_REASON_QUEUE_TIMEOUT,
+                        )
+                    await asyncio.wait({self._room_future()}, timeout=remaining)
+                elif isinstance(plan, Refuse):
+                    raise Unavailable(
+                        f"model '{alias}' cannot be loaded: {plan.reason}",
+                        reason=errors_pb2.ERROR_REASON_NO_CAPACITY,
+                        retry_after=60.0,
+                    )
+        finally:
+            for other in held:
+                other.queue.set_budget(None)
+        device = self._reservations[alias].device
+        turn = self._load_turns.setdefault(
+            device, asyncio.Semaphore(self.settings.system.max_loads_per_device)
+        )
+        try:
+            async with turn:
+                yield device
+        except BaseException:
+            self.release(alias)
+            raise
+
+    def release(self, alias: str) -> None:
+        if self._reservations.pop(alias, None) is not None:
+            self.notify()
+
+    def notify(self) -> None:
+        """Room may have changed (a model stopped or went idle): wake waiting loads."""
+        future, self._room_changed = self._room_changed, None
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def _room_future(self) -> asyncio.Future[None]:
+        if self._room_changed is None:
+            self._room_changed = asyncio.get_running_loop().create_future()
+        return self._room_changed
+
+    def reservations(self) -> dict[str, Reservation]:
+        return dict(self._reservations)
+
+    def plan_for(self, supervisor: Supervisor) -> Plan:
+        """What admitting ``supervisor`` now would take (read-only, for reports)."""
+        return plan_admission(
+            self._candidate(supervisor),
+            self._residents(exclude=supervisor.alias),
+            self._devices(),
+            self.settings.system.max_concurrent_models,
+        )
+
+    def _candidate(self, supervisor: Supervisor) -> CandidateView:
+        memory = max(supervisor.memory_estimate_mib, supervisor.memory_measured_mib)
+        return CandidateView(supervisor.alias, memory, supervisor.settings.allowed_devices)
+
+    def _devices(self) -> list[DeviceView]:
+        """Device budgets for the policy: what is left once non-router usage is counted."""
+        views = []
+        for device in self.inventory.devices():
+            if device.simulated or self.inventory.cpu_mode:
+                others = device.used_mib if device.simulated else 0
+            else:
+                ours = sum(
+                    s.memory_measured_mib
+                    for s in self._supervisors.values()
+                    if s.device == device.id and s.alias in self._reservations
+                )
+                others = max(0, device.used_mib - ours)
+            views.append(DeviceView(device.id, device.total_mib, others))
+        return views
+
+    def _residents(self, exclude: str) -> list[ResidentView]:
+        residents: list[ResidentView] = []
+        for alias, reservation in self._reservations.items():
+            if alias == exclude:
+                continue
+            sup = self._supervisors[alias]
+            residents.append(
+                ResidentView(
+                    alias=alias,
+                    device=reservation.device,
+                    memory_mib=max(sup.memory_measured_mib, reservation.memory_mib),
+                    busy=sup.busy,
+                    pinned=sup.settings.pinned,
+                    loading=sup.state is not ModelState.READY,
+                    last_used=sup.last_used,
+                )
+            )
+        return residents
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _gpu_index(device_id: str) -> int | None:
+    prefix, _, index = device_id.partition(":")
+    return int(index) if prefix == "gpu" and index.isdigit() else None

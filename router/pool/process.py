@@ -1,0 +1,191 @@
+"""One llama-server child process: spawn, output draining, readiness, stop.
+
+The child runs in its own session (so its process group is its PID and signals
+to the router's terminal do not reach it) and dies with the router through
+PR_SET_PDEATHSIG. Spawning happens on the event-loop thread on purpose: the
+death signal fires when the *thread* that forked exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+
+import aiohttp
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class LogRing:
+    """The last lines a child wrote, bounded; full output also goes to the log."""
+
+    def __init__(self, max_lines: int) -> None:
+        self._lines: deque[str] = deque(maxlen=max_lines)
+
+    def append(self, line: str) -> None:
+        self._lines.append(line)
+
+    def tail(self, count: int) -> list[str]:
+        if count <= 0:
+            return []
+        return list(self._lines)[-count:]
+
+
+class ChildExited(Exception):
+    """The child exited while the router was waiting for it."""
+
+    def __init__(self, returncode: int) -> None:
+        super().__init__(describe_exit(returncode))
+        self.returncode = returncode
+
+
+class ReadyTimeout(Exception):
+    """The child did not answer /health with 200 before the deadline."""
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def free_port() -> int:
+    """A loopback port the OS says is free now (the child may still lose a race for it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ChildProcess:
+    """A spawned child. ``exited`` resolves with its return code once it is reaped."""
+
+    def __init__(
+        self, process: asyncio.subprocess.Process, port: int, log: LogRing, name: str
+    ) -> None:
+        self._process = process
+        self.port = port
+        self.pid = process.pid
+        self.log = log
+        self._name = name
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._drain_task = asyncio.create_task(self._drain(), name=f"drain:{name}")
+        self._reap_task = asyncio.create_task(self._reap(), name=f"reap:{name}")
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        port: int,
+        env: Mapping[str, str],
+        log: LogRing,
+        name: str,
+    ) -> ChildProcess:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,
+        )
+        _LOGGER.info("%s: spawned pid %d on port %d", name, process.pid, port)
+        return cls(process, port, log, name)
+
+    @property
+    def running(self) -> bool:
+        return not self.exited.done()
+
+    async def _drain(self) -> None:
+        stream = self._process.stdout
+        assert stream is not None
+        child_log = logging.getLogger(f"router.child.{self._name}")
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the stream limit: skip the rest of it
+                raw = await stream.read(65536)
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.log.append(line)
+            child_log.debug("%s", line)
+
+    async def _reap(self) -> None:
+        returncode = await self._process.wait()
+        # Let the drain finish so the last lines (often the reason) are in the ring.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._drain_task), 1.0)
+        _LOGGER.info("%s: pid %d %s", self._name, self.pid, describe_exit(returncode))
+        if not self.exited.done():
+            self.exited.set_result(returncode)
+
+    async def wait_ready(
+        self,
+        session: aiohttp.ClientSession,
+        timeout: float,
+        on_loading: Callable[[], None] | None = None,
+    ) -> None:
+        """Poll this child's /health until 200, racing its exit and ``timeout``.
+
+        Connection refused means the port is not bound yet; 503 means the
+        weights are loading (``on_loading`` is called once).
+        """
+        url = f"http://127.0.0.1:{self.port}/health"
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        loading_seen = False
+        while True:
+            if self.exited.done():
+                raise ChildExited(self.exited.result())
+            status = await self._probe(session, url)
+            if status == 200:
+                return
+            if status == 503 and not loading_seen and on_loading is not None:
+                loading_seen = True
+                on_loading()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ReadyTimeout(f"not ready after {timeout:g} s")
+            # Poll fast at first: the tiny models are ready in ~60 ms.
+            await asyncio.wait({self.exited}, timeout=min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+
+    @staticmethod
+    async def _probe(session: aiohttp.ClientSession, url: str) -> int | None:
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=1.0)) as response:
+                return response.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return None
+
+    async def stop(self, grace: float) -> int:
+        """SIGTERM the process group, SIGKILL after ``grace``, and reap. Idempotent."""
+        if self.running:
+            self._signal_group(signal.SIGTERM)
+            done, _ = await asyncio.wait({self.exited}, timeout=grace)
+            if not done:
+                _LOGGER.warning("%s: pid %d ignored SIGTERM, killing", self._name, self.pid)
+                self._signal_group(signal.SIGKILL)
+        returncode = await asyncio.shield(self.exited)
+        await self._drain_task
+        return returncode
+
+    def kill(self) -> None:
+        """SIGKILL the process group now (used when the child is hung)."""
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)

@@ -1,0 +1,816 @@
+"""One supervisor per configured model: the only code that changes its child or state.
+
+Requests enter through ``enter()``, which returns a ``Ticket``: the ticket waits
+for a slot (loading the model on demand, with one shared load task however many
+callers arrive) and then holds the slot as a ``Lease``. Every state change goes
+through ``_transition``, which checks the table in ``state.py`` and publishes a
+snapshot. Nothing here holds a lock while another model loads, and status reads
+(``snapshot``) never wait for anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+import aiohttp
+import tenacity
+
+from router.errors import (
+    DeadlineExceeded,
+    RouterError,
+    Unavailable,
+)
+from router.pool.command import LaunchSpec, build_command, with_death_signal
+from router.pool.failures import (
+    LOAD_TIMED_OUT,
+    MODEL_FILE_MISSING,
+    MODEL_UNREADABLE,
+    Failure,
+    FailureKind,
+    classify_exit,
+)
+from router.pool.process import ChildExited, ChildProcess, LogRing, ReadyTimeout, free_port
+from router.pool.registry import ChildRegistry
+from router.pool.snapshot import LoadStage, ModelKind, ModelSnapshot
+from router.pool.state import LIVE_STATES, ModelState, check_transition
+from router.pool.upstream import Upstream
+from router.resources.estimate import MemoryEstimate, estimate_memory, read_gguf
+from router.scheduler.queue import Priority, SlotQueue, Waiter
+from router.v1 import errors_pb2
+
+_LOGGER = logging.getLogger(__name__)
+S = ModelState
+
+# How often a waiting request re-reports its queue position.
+POSITION_REPORT_SEC = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorSettings:
+    """The per-model knobs a supervisor needs, resolved from configuration."""
+
+    spec: LaunchSpec
+    kind: ModelKind
+    env: Mapping[str, str]
+    pinned: bool
+    ttl_sec: float | None
+    max_queue: int
+    aging_dispatches: int
+    queue_timeout_sec: float
+    request_timeout_sec: float
+    wait_ready_sec: float
+    stop_grace_sec: float
+    drain_timeout_sec: float
+    load_max_retries: int
+    failure_threshold: int
+    failure_cooldown_sec: float
+    allowed_devices: tuple[str, ...]
+    on_gpu: bool
+    vram_multiplier: float
+    min_vram_mib: int
+
+
+class Admission(Protocol):
+    """What a supervisor needs from the pool to get room on a device."""
+
+    def admit(self, supervisor: Supervisor) -> AbstractAsyncContextManager[str]: ...
+
+    def release(self, alias: str) -> None: ...
+
+    def notify(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolContext:
+    """Shared resources every supervisor uses."""
+
+    session: aiohttp.ClientSession
+    registry: ChildRegistry
+    admission: Admission
+    publish: Callable[[ModelSnapshot], None]
+    setpriv: str | None
+    log_ring_lines: int
+    on_suspect: Callable[[Supervisor], None]
+    measure_memory: Callable[[int], int | None]
+    base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+class LoadError(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.summary)
+        self.failure = failure
+
+
+class Lease:
+    """A slot on a READY child for one request; ``abort`` ends it from outside."""
+
+    __slots__ = ("_supervisor", "abort_error", "response", "upstream")
+
+    def __init__(self, supervisor: Supervisor, upstream: Upstream) -> None:
+        self._supervisor = supervisor
+        self.upstream = upstream
+        self.response: aiohttp.ClientResponse | None = None
+        self.abort_error: RouterError | None = None
+
+    def abort(self, error: RouterError) -> None:
+        if self.abort_error is None:  # the first cause is the one the caller sees
+            self.abort_error = error
+        if self.response is not None:
+            self.response.close()
+
+
+class Ticket:
+    """A request's place with one model: waiting, then (once granted) a lease."""
+
+    def __init__(self, supervisor: Supervisor, waiter: Waiter) -> None:
+        self._supervisor = supervisor
+        self._waiter = waiter
+        self._lease: Lease | None = None
+        self._closed = False
+        self.load_wait_sec = 0.0
+        self.queue_wait_sec = 0.0
+
+    @property
+    def lease(self) -> Lease:
+        assert self._lease is not None, "progress() has not finished"
+        return self._lease
+
+    async def progress(self) -> AsyncIterator[tuple[int, int] | LoadStage]:
+        """Wait for a slot; yield (position, length) and load stages on the way.
+
+        Raises the load's error if the load this ticket waits for fails, and
+        DeadlineExceeded after queue_timeout_sec spent waiting while the model
+        was not loading (a load has its own bound, wait_ready_sec).
+        """
+        sup = self._supervisor
+        waiter = self._waiter
+        budget = sup.settings.queue_timeout_sec
+        last_position: tuple[int, int] | None = None
+        last_stage: LoadStage | None = None
+        awaited: asyncio.Task[None] | None = None  # the load this ticket waits for
+        checkpoint = time.monotonic()
+        while not waiter.granted.done():
+            if awaited is not None and awaited.done():
+                if not awaited.cancelled() and awaited.exception() is not None:
+                    raise _as_router_error(awaited.exception())
+                awaited = None
+            awaited = sup.ensure_loading() or awaited
+            if awaited is None and sup.state is S.FAILED:
+                raise sup.circuit_error()
+            position = (sup.queue.position(waiter), sup.queue.waiting)
+            if position != last_position and position[0] > 0:
+                last_position = position
+                yield position
+            stage = sup.load_stage
+            if stage is not last_stage and stage is not LoadStage.NONE:
+                last_stage = stage
+                yield stage
+            loading = awaited is not None
+            waits: set[asyncio.Future[Any]] = {waiter.granted, sup.changed()}
+            if awaited is not None:
+                waits.add(awaited)
+            timeout = POSITION_REPORT_SEC if loading else min(POSITION_REPORT_SEC, budget)
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            now = time.monotonic()
+            if loading:
+                self.load_wait_sec += now - checkpoint
+            else:
+                budget -= now - checkpoint
+                self.queue_wait_sec += now - checkpoint
+                if budget <= 0 and not waiter.granted.done():
+                    sup.queue.leave(waiter, timed_out=True)
+                    self._closed = True
+                    sup.on_waiter_left()
+                    raise DeadlineExceeded(
+                        f"waited more than {sup.settings.queue_timeout_sec:g} s for the model",
+                        reason=errors_pb2.ERROR_REASON_QUEUE_TIMEOUT,
+                    )
+            checkpoint = now
+        waiter.granted.result()  # raises what fail_waiting set (forced unload, shutdown)
+        self._lease = sup.open_lease()
+        if last_stage is not None:
+            yield LoadStage.READY
+
+    def close(self) -> None:
+        """Leave the queue or give the slot back. Idempotent; safe in ``finally``."""
+        if self._closed:
+            return
+        self._closed = True
+        sup = self._supervisor
+        if self._lease is not None:
+            sup.close_lease(self._lease)
+        elif self._waiter.granted.done() and not self._waiter.granted.exception():
+            sup.queue.release()  # granted but cancelled before it could start
+        else:
+            sup.queue.leave(self._waiter)
+            sup.on_waiter_left()
+
+
+def _as_router_error(error: BaseException | None) -> RouterError:
+    if isinstance(error, RouterError):
+        return error
+    return Unavailable("the model could not be loaded", retry_after=5.0)
+
+
+class Supervisor:
+    def __init__(self, alias: str, settings: SupervisorSettings, context: PoolContext) -> None:
+        self.alias = alias
+        self.settings = settings
+        self._ctx = context
+        self.state = S.STOPPED
+        self.load_stage = LoadStage.NONE
+        self._state_since = time.time()
+        self.queue = SlotQueue(settings.max_queue, settings.aging_dispatches)
+        self.log = LogRing(context.log_ring_lines)
+        self._child: ChildProcess | None = None
+        self._upstream: Upstream | None = None
+        self._key_file: str | None = None
+        self._leases: set[Lease] = set()
+        self._load_task: asyncio.Task[None] | None = None
+        self._explicit_load = False
+        self._half_open = False
+        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self.device = ""
+        self.created_at = 0.0  # the model file's mtime, set by the pool at start
+        self.estimate: MemoryEstimate | None = None
+        self.memory_estimate_mib = 0
+        self.memory_measured_mib = 0
+        self.consecutive_failures = 0
+        self.restarts = 0
+        self._starts = 0
+        self.last_error = ""
+        self.retry_at = 0.0
+        self.last_used = time.monotonic()
+        self._last_used_wall = 0.0
+        self._load_seconds = 0.0
+        self._shutting_down = False
+
+    # ---- views ---------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self.queue.running
+
+    @property
+    def busy(self) -> bool:
+        """In flight, or waiters this model may still serve (see policy)."""
+        queue = self.queue
+        return queue.running > 0 or (
+            queue.waiting > 0 and (queue.budget is None or queue.budget > 0)
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.state is S.READY
+
+    @property
+    def child(self) -> ChildProcess | None:
+        return self._child
+
+    @property
+    def upstream(self) -> Upstream | None:
+        return self._upstream if self.state is S.READY else None
+
+    async def settle_child(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for a child that may be dying to be reaped."""
+        child = self._child
+        if child is not None and child.running:
+            await asyncio.wait({child.exited}, timeout=timeout)
+
+    def suspect(self) -> None:
+        """A request saw the child go silent: have its liveness checked now."""
+        self._ctx.on_suspect(self)
+
+    def snapshot(self) -> ModelSnapshot:
+        child = self._child
+        ttl = self.settings.ttl_sec
+        return ModelSnapshot(
+            alias=self.alias,
+            state=self.state,
+            kind=self.settings.kind,
+            port=child.port if child and child.running else 0,
+            pid=child.pid if child and child.running else 0,
+            slots=self.settings.spec.slots,
+            in_flight=self.queue.running,
+            queued=self.queue.waiting,
+            n_ctx=self.settings.spec.n_ctx,
+            pinned=self.settings.pinned,
+            last_error=self.last_error,
+            state_since=self._state_since,
+            last_used_at=self._last_used_wall,
+            retry_at=self.retry_at if self.state is S.FAILED else 0.0,
+            consecutive_failures=self.consecutive_failures,
+            restarts=self.restarts,
+            device=self.device,
+            memory_estimate_mib=self.memory_estimate_mib,
+            memory_measured_mib=self.memory_measured_mib,
+            load_seconds=self._load_seconds,
+            ttl_sec=ttl or 0.0,
+            load_stage=self.load_stage,
+            created_at=self.created_at,
+        )
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future, shared by every caller, that completes at the next change."""
+        return self._changed
+
+    def circuit_error(self) -> Unavailable:
+        retry_after = max(1.0, self.retry_at - time.time())
+        return Unavailable(
+            f"model '{self.alias}' is failing ({self.last_error}); retry later",
+            reason=errors_pb2.ERROR_REASON_CIRCUIT_OPEN,
+            retry_after=retry_after,
+        )
+
+    def tail_log(self, lines: int) -> list[str]:
+        return self.log.tail(lines)
+
+    # ---- state ---------------------------------------------------------------
+
+    def _transition(self, target: ModelState) -> None:
+        check_transition(self.state, target)
+        _LOGGER.info("%s: %s -> %s", self.alias, self.state.value, target.value)
+        self.state = target
+        self._state_since = time.time()
+        if target is not S.STARTING and target is not S.LOADING:
+            self.load_stage = LoadStage.NONE
+        self.queue.set_capacity(self.settings.spec.slots if target is S.READY else 0)
+        self._announce()
+
+    def set_stage(self, stage: LoadStage) -> None:
+        if stage is not self.load_stage:
+            self.load_stage = stage
+            self._announce()
+
+    def _announce(self) -> None:
+        old, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        old.set_result(None)
+        self._ctx.publish(self.snapshot())
+
+    # ---- requests ------------------------------------------------------------
+
+    def enter(self, priority: Priority) -> Ticket:
+        """Join this model's queue (QueueFull when at its bound)."""
+        if self._shutting_down:
+            raise Unavailable(
+                "the router is shutting down", reason=errors_pb2.ERROR_REASON_SHUTTING_DOWN
+            )
+        if self.state is S.FAILED and time.time() < self.retry_at:
+            raise self.circuit_error()
+        waiter = self.queue.join(priority)
+        self._cancel_idle_timer()
+        ticket = Ticket(self, waiter)
+        self.ensure_loading()
+        return ticket
+
+    def open_lease(self) -> Lease:
+        assert self._upstream is not None and self.state is S.READY
+        lease = Lease(self, self._upstream)
+        self._leases.add(lease)
+        return lease
+
+    def close_lease(self, lease: Lease) -> None:
+        self._leases.discard(lease)
+        self.queue.release()
+        self.last_used = time.monotonic()
+        self._last_used_wall = time.time()
+        if not self.busy:
+            self._ctx.admission.notify()
+            self._arm_idle_timer()
+
+    def on_waiter_left(self) -> None:
+        """Cancel a load nobody waits for any more, if it has not spawned yet."""
+        task = self._load_task
+        if (
+            task is not None
+            and not task.done()
+            and not self._explicit_load
+            and self.queue.waiting == 0
+            and self.load_stage is LoadStage.WAITING_FOR_CAPACITY
+        ):
+            task.cancel()
+        if not self.busy:
+            self._ctx.admission.notify()
+
+    def ensure_loading(self) -> asyncio.Task[None] | None:
+        """Start the one shared load task when the model is down; return the current one."""
+        if self._load_task is not None:
+            return self._load_task
+        if self.state is S.STOPPED or (self.state is S.FAILED and time.time() >= self.retry_at):
+            if self.queue.waiting == 0 and not self._explicit_load:
+                return None
+            self._half_open = self.state is S.FAILED
+            self._load_task = asyncio.create_task(self._load(), name=f"load:{self.alias}")
+            self._load_task.add_done_callback(self._load_finished)
+        return self._load_task
+
+    def _load_finished(self, task: asyncio.Task[None]) -> None:
+        self._load_task = None
+        self._explicit_load = False
+        if not task.cancelled():
+            task.exception()  # waiters read it; retrieve it so asyncio does not warn
+        self._announce()
+
+    async def load(self, wait: bool, timeout: float | None) -> None:
+        """Explicit LoadModel: start a load if needed and optionally wait for READY."""
+        if self.state is S.FAILED and time.time() < self.retry_at:
+            raise self.circuit_error()
+        if self.state is S.READY:
+            return
+        self._explicit_load = True
+        task = self.ensure_loading()
+        if not wait:
+            return
+        deadline = time.monotonic() + (timeout or self.settings.wait_ready_sec)
+        while not self.ready:
+            task = self.ensure_loading()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(
+                    f"model '{self.alias}' is not ready yet",
+                    reason=errors_pb2.ERROR_REASON_LOAD_TIMEOUT,
+                )
+            waits: set[asyncio.Future[Any]] = {self.changed()}
+            if task is not None:
+                waits.add(task)
+            await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if task is not None and task.done() and not task.cancelled() and task.exception():
+                raise _as_router_error(task.exception())
+            if self.state is S.FAILED:
+                raise self.circuit_error()
+
+    # ---- loading -------------------------------------------------------------
+
+    async def _load(self) -> None:
+        if self.state is S.STOPPED and self.consecutive_failures > 0:
+            # A restart after a crash: back off so a crash loop does not spin.
+            await asyncio.sleep(restart_delay(self.consecutive_failures))
+        attempts = 1 if self._half_open else 1 + self.settings.load_max_retries
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(attempts),
+            wait=tenacity.wait_exponential(multiplier=0.25, max=10),
+            retry=tenacity.retry_if_exception(
+                lambda e: (
+                    isinstance(e, LoadError)
+                    and e.failure.kind is not FailureKind.PERMANENT
+                    and self.state is not S.FAILED
+                )
+            ),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._load_once()
+        except LoadError as error:
+            raise self._load_failed(error.failure) from None
+
+    async def _load_once(self) -> None:
+        self.set_stage(LoadStage.WAITING_FOR_CAPACITY)
+        try:
+            if self.estimate is None:
+                await self._estimate()
+            async with self._ctx.admission.admit(self) as device:
+                self.device = device
+                await self._spawn_and_wait()
+        except LoadError as error:
+            self._record_failure(error.failure)
+            raise
+        except BaseException:
+            self.set_stage(LoadStage.NONE)
+            raise
+
+    async def _estimate(self) -> None:
+        """Estimate device memory from the GGUF header (off the event loop)."""
+        spec = self.settings.spec
+        exists = await asyncio.to_thread(spec.model_path.is_file)
+        if not exists:
+            raise LoadError(MODEL_FILE_MISSING)
+        try:
+            facts = await asyncio.to_thread(read_gguf, spec.model_path)
+        except Exception as error:  # gguf raises ValueError, OSError, struct.error...
+            _LOGGER.warning("%s: cannot read the GGUF header: %s", self.alias, error)
+            raise LoadError(MODEL_UNREADABLE) from None
+        self.estimate = estimate_memory(
+            facts,
+            n_ctx=spec.n_ctx,
+            n_gpu_layers=spec.n_gpu_layers,
+            type_k=spec.type_k,
+            type_v=spec.type_v,
+            ubatch=spec.ubatch_size or min(spec.n_batch, 512),
+            on_gpu=self.settings.on_gpu,
+        )
+        total = int(self.estimate.total_mib * self.settings.vram_multiplier)
+        if self.settings.on_gpu:
+            total = max(total, self.settings.min_vram_mib)
+        self.memory_estimate_mib = total
+
+    async def _spawn_and_wait(self) -> None:
+        spec = self.settings.spec
+        exists = await asyncio.to_thread(spec.model_path.is_file)
+        if not exists:
+            raise LoadError(MODEL_FILE_MISSING)
+        for _ in range(3):  # port races are retried at once, without counting as failures
+            port = free_port()
+            api_key, key_file = await asyncio.to_thread(self._ctx.registry.new_api_key, self.alias)
+            self._key_file = str(key_file)
+            argv = with_death_signal(
+                build_command(spec, port=port, api_key_file=key_file), self._ctx.setpriv
+            )
+            self._transition(S.STARTING)
+            self.set_stage(LoadStage.SPAWNING)
+            started = time.monotonic()
+            env = {**self._ctx.base_env, **self.settings.env}
+            child = await ChildProcess.spawn(
+                argv, port=port, env=env, log=self.log, name=self.alias
+            )
+            self._child = child
+            await asyncio.to_thread(self._ctx.registry.record, self.alias, child.pid)
+            try:
+                await child.wait_ready(
+                    self._ctx.session, self.settings.wait_ready_sec, self._on_loading
+                )
+            except ChildExited as exited:
+                failure = classify_exit(exited.returncode, self.log.tail(40))
+                await self._discard_child()
+                if failure.kind is FailureKind.PORT_CONFLICT:
+                    continue
+                raise LoadError(failure) from None
+            except ReadyTimeout:
+                await self._discard_child(stop=True)
+                raise LoadError(LOAD_TIMED_OUT) from None
+            except BaseException:
+                await asyncio.shield(self._discard_child(stop=True))
+                raise
+            self._upstream = Upstream(
+                self._ctx.session, port, api_key, self.settings.request_timeout_sec
+            )
+            self._load_seconds = time.monotonic() - started
+            if self._starts:
+                self.restarts += 1
+            self._starts += 1
+            self.consecutive_failures = 0
+            self.last_error = ""
+            self.retry_at = 0.0
+            # Registered before READY but run after it (call_soon), so an exit in
+            # between is still seen as a crash.
+            child.exited.add_done_callback(partial(self._on_exit_future, child))
+            self._transition(S.READY)
+            self._arm_idle_timer()
+            asyncio.get_running_loop().create_task(self._measure(child))
+            return
+        raise LoadError(Failure(FailureKind.RETRYABLE, "no free port could be bound"))
+
+    async def _measure(self, child: ChildProcess) -> None:
+        """Keep the child's measured memory; the next placement uses it."""
+        measured = await asyncio.to_thread(self._ctx.measure_memory, child.pid)
+        if measured and self._child is child:
+            self.memory_measured_mib = measured
+            self._announce()
+
+    def _on_loading(self) -> None:
+        if self.state is S.STARTING:
+            self._transition(S.LOADING)
+        self.set_stage(LoadStage.LOADING_WEIGHTS)
+
+    async def _discard_child(self, *, stop: bool = False) -> None:
+        """Stop (if asked) and forget the child after a failed start; state → STOPPED."""
+        child = self._child
+        if child is not None:
+            if stop:
+                await child.stop(self.settings.stop_grace_sec)
+            await self._forget_child(child)
+        if self.state in (S.STARTING, S.LOADING):
+            self._transition(S.STOPPED)
+        self._ctx.admission.release(self.alias)
+
+    async def _forget_child(self, child: ChildProcess) -> None:
+        if self._child is child:
+            self._child = None
+            self._upstream = None
+        await asyncio.to_thread(self._ctx.registry.forget, child.pid)
+        if self._key_file is not None:
+            key_file, self._key_file = self._key_file, None
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(os.unlink, key_file)
+
+    def _record_failure(self, failure: Failure) -> None:
+        self.consecutive_failures += 1
+        self.last_error = failure.summary
+        _LOGGER.warning(
+            "%s: load failed (%s, %d in a row)",
+            self.alias,
+            failure.summary,
+            self.consecutive_failures,
+        )
+        if (
+            failure.kind is FailureKind.PERMANENT
+            or self._half_open
+            or self.consecutive_failures >= self.settings.failure_threshold
+        ):
+            self._open_circuit(self._load_failed(failure))
+        else:
+            self._announce()
+
+    def _load_failed(self, failure: Failure) -> Unavailable:
+        return Unavailable(
+            f"model '{self.alias}' could not be loaded: {failure.summary}",
+            reason=errors_pb2.ERROR_REASON_LOAD_FAILED,
+            retry_after=max(1.0, self.retry_at - time.time()) if self.retry_at else 5.0,
+        )
+
+    def _open_circuit(self, error: Unavailable | None = None) -> None:
+        """FAILED until the cool-down ends; waiters fail with ``error`` (or the circuit error)."""
+        self.retry_at = time.time() + self.settings.failure_cooldown_sec
+        self._transition(S.FAILED)
+        if error is not None:
+            error.retry_after = self.settings.failure_cooldown_sec
+        self.queue.fail_waiting(error or self.circuit_error())
+
+    # ---- crashes and stops ---------------------------------------------------
+
+    def _on_exit_future(self, child: ChildProcess, _: asyncio.Future[int]) -> None:
+        self._on_exit(child)
+
+    def _on_exit(self, child: ChildProcess) -> None:
+        """The child exited. Expected during a stop; otherwise it crashed."""
+        if self._child is not child or self.state not in (S.READY, S.DRAINING):
+            return
+        returncode = child.exited.result()
+        failure = classify_exit(returncode, self.log.tail(40))
+        _LOGGER.error("%s: child crashed: %s", self.alias, failure.summary)
+        crash = Unavailable(
+            f"model '{self.alias}' stopped unexpectedly: {failure.summary}",
+            reason=errors_pb2.ERROR_REASON_MODEL_CRASHED,
+            retry_after=1.0,
+        )
+        for lease in list(self._leases):
+            lease.abort(crash)
+        self._transition(S.STOPPED)
+        self._ctx.admission.release(self.alias)
+        asyncio.get_running_loop().create_task(self._forget_child(child))
+        self._cancel_idle_timer()
+        self.consecutive_failures += 1
+        self.last_error = failure.summary
+        if self.consecutive_failures >= self.settings.failure_threshold:
+            self._open_circuit()
+        elif self.queue.waiting:
+            self.ensure_loading()  # demand: restart (with backoff)
+
+    async def unload(self, *, force: bool, drain_timeout: float | None) -> bool:
+        """Stop the model (drain first unless ``force``). Returns whether a child ran.
+
+        Waiters fail at once: an admin unload that they would undo by reloading
+        the model right after would not be an unload.
+        """
+        error = _unloaded(self.alias)
+        self.queue.fail_waiting(error)
+        task = self._load_task
+        cancelled_load = task is not None and not task.done()
+        if task is not None and cancelled_load:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if self.state not in (S.READY, S.DRAINING):
+            if self._stopping is not None:
+                await asyncio.shield(self._stopping)
+                return True
+            return cancelled_load
+        await self._stop(
+            drain=0.0 if force else (drain_timeout or self.settings.drain_timeout_sec),
+            error=error,
+        )
+        return True
+
+    async def evict(self) -> bool:
+        """Stop for room if still idle (re-checked: a request may have arrived)."""
+        if self.state is not S.READY or self.queue.running > 0 or self.settings.pinned:
+            return False
+        if self.busy:
+            return False
+        _LOGGER.info("%s: evicting to make room", self.alias)
+        await self._stop(drain=0.0, error=None)
+        return True
+
+    async def _stop(self, *, drain: float, error: RouterError | None) -> None:
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._do_stop(drain, error))
+        try:
+            await asyncio.shield(self._stopping)
+        finally:
+            if self._stopping is not None and self._stopping.done():
+                self._stopping = None
+
+    async def _do_stop(self, drain: float, error: RouterError | None) -> None:
+        self._cancel_idle_timer()
+        if self.state is S.READY:
+            self._transition(S.DRAINING)
+        if drain > 0 and self.queue.running > 0:
+            deadline = time.monotonic() + drain
+            while self.queue.running > 0 and time.monotonic() < deadline:
+                await asyncio.wait({self.changed()}, timeout=min(0.05, deadline - time.monotonic()))
+        for lease in list(self._leases):
+            lease.abort(error or _unloaded(self.alias))
+        child = self._child
+        if self.state is S.DRAINING:
+            self._transition(S.STOPPING)
+        if child is not None:
+            await child.stop(self.settings.stop_grace_sec)
+            await self._forget_child(child)
+        if self.state is S.STOPPING:
+            self._transition(S.STOPPED)
+        self._ctx.admission.release(self.alias)
+
+    async def replace_hung(self) -> None:
+        """The child stopped answering: kill it (SIGKILL works on a stopped process)."""
+        child = self._child
+        if child is None or self.state is not S.READY:
+            return
+        _LOGGER.error("%s: child pid %d stopped answering; replacing it", self.alias, child.pid)
+        hung = Unavailable(
+            f"model '{self.alias}' stopped responding",
+            reason=errors_pb2.ERROR_REASON_MODEL_CRASHED,
+            retry_after=1.0,
+        )
+        for lease in list(self._leases):
+            lease.abort(hung)
+        child.kill()
+        # _on_exit does the crash bookkeeping (state STOPPED, restart on demand).
+        await asyncio.shield(child.exited)
+
+    def reset(self) -> tuple[bool, str]:
+        """Close the circuit and clear failures. Returns (was_failed, previous_error)."""
+        previous = self.last_error
+        was_failed = self.state is S.FAILED or self.consecutive_failures > 0
+        self.consecutive_failures = 0
+        self.last_error = ""
+        self.retry_at = 0.0
+        if self.state is S.FAILED:
+            self._transition(S.STOPPED)
+        elif was_failed:
+            self._announce()
+        return was_failed, previous
+
+    async def shutdown(self) -> None:
+        self._shutting_down = True
+        self.queue.fail_waiting(
+            Unavailable("the router is shutting down", reason=errors_pb2.ERROR_REASON_SHUTTING_DOWN)
+        )
+        task = self._load_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if self.state in LIVE_STATES:
+            await self._stop(
+                drain=0.0,
+                error=Unavailable(
+                    "the router is shutting down", reason=errors_pb2.ERROR_REASON_SHUTTING_DOWN
+                ),
+            )
+
+    # ---- idle TTL ------------------------------------------------------------
+
+    def _arm_idle_timer(self) -> None:
+        self._cancel_idle_timer()
+        ttl = self.settings.ttl_sec
+        if ttl and not self.settings.pinned and self.state is S.READY and not self.busy:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(ttl, self._idle_expired)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if self.state is S.READY and not self.busy:
+            _LOGGER.info("%s: idle for %g s, unloading", self.alias, self.settings.ttl_sec or 0)
+            asyncio.get_running_loop().create_task(self.evict())
+
+
+def _unloaded(alias: str) -> Unavailable:
+    return Unavailable(
+        f"model '{alias}' was unloaded",
+        reason=errors_pb2.ERROR_REASON_MODEL_UNLOADED,
+        retry_after=1.0,
+    )
+
+
+def restart_delay(failures: int) -> float:
+    """Backoff before restarting after ``failures`` consecutive failures (tenacity's curve)."""
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = failures
+    return float(tenacity.wait_exponential(multiplier=0.25, max=10)(state))

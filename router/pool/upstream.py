@@ -1,0 +1,135 @@
+"""HTTP to one llama-server child: streamed SSE, plain JSON calls, health probes.
+
+Streaming reads whatever bytes are buffered (``iter_any``), so when the router
+falls behind, several upstream events come back from one read and travel in
+one gRPC message. Silence longer than ``request_timeout`` ends the request
+(aiohttp's ``sock_read`` timeout is exactly "no bytes for that long").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+
+class UpstreamHTTPError(Exception):
+    """The child answered with a non-200 status (or an error event mid-stream)."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"upstream status {status}")
+        self.status = status
+        self.body = body
+
+
+class UpstreamTimeout(Exception):
+    """The child sent nothing for ``request_timeout`` seconds."""
+
+
+class UpstreamBroken(Exception):
+    """The connection to the child failed or closed mid-response."""
+
+
+class SSEParser:
+    """Incremental parser for llama-server's SSE: returns complete ``data:`` payloads."""
+
+    __slots__ = ("_buffer", "done")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer + data if self._buffer else data
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        events = buffer.split(b"\n\n")
+        self._buffer = events.pop()
+        payloads: list[bytes] = []
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    payload = line[6:] if line[5:6] == b" " else line[5:]
+                    if payload == b"[DONE]":
+                        self.done = True
+                    else:
+                        payloads.append(payload)
+                elif line.startswith(b"error:"):
+                    raise UpstreamHTTPError(500, line[6:].strip())
+                # ':' comments (keep-alive pings), 'event:', 'id:' carry nothing for us.
+        return payloads
+
+
+class Upstream:
+    """Calls to one child at 127.0.0.1:``port`` with its API key."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, port: int, api_key: str, request_timeout: float
+    ) -> None:
+        self._session = session
+        self._base = f"http://127.0.0.1:{port}"
+        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=min(request_timeout, 10.0), sock_read=request_timeout
+        )
+
+    async def open_stream(self, path: str, body: bytes) -> aiohttp.ClientResponse:
+        """POST and return the response once its headers are in (caller closes it)."""
+        try:
+            response = await self._session.post(
+                self._base + path, data=body, headers=self._headers, timeout=self._timeout
+            )
+        except asyncio.TimeoutError as error:
+            raise UpstreamTimeout() from error
+        except aiohttp.ClientError as error:
+            raise UpstreamBroken(str(error)) from error
+        if response.status != 200:
+            try:
+                payload = await response.read()
+            finally:
+                response.release()
+            raise UpstreamHTTPError(response.status, payload)
+        return response
+
+    @staticmethod
+    async def iter_events(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+        """Yield lists of SSE payloads as they arrive, until ``[DONE]`` or EOF."""
+        parser = SSEParser()
+        try:
+            async for data in response.content.iter_any():
+                payloads = parser.feed(data)
+                if payloads:
+                    yield payloads
+                if parser.done:
+                    return
+        except asyncio.TimeoutError as error:
+            raise UpstreamTimeout() from error
+        except aiohttp.ClientError as error:
+            raise UpstreamBroken(str(error)) from error
+        if not parser.done:
+            raise UpstreamBroken("stream ended before [DONE]")
+
+    async def post(self, path: str, body: bytes) -> bytes:
+        """POST and return the 200 body; UpstreamHTTPError otherwise."""
+        try:
+            async with self._session.post(
+                self._base + path, data=body, headers=self._headers, timeout=self._timeout
+            ) as response:
+                payload = await response.read()
+        except asyncio.TimeoutError as error:
+            raise UpstreamTimeout() from error
+        except aiohttp.ClientError as error:
+            raise UpstreamBroken(str(error)) from error
+        if response.status != 200:
+            raise UpstreamHTTPError(response.status, payload)
+        return payload
+
+    async def healthy(self, timeout: float) -> bool:
+        try:
+            async with self._session.get(
+                self._base + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False

@@ -1,0 +1,157 @@
+"""Estimate a model's device memory from its GGUF header and launch settings.
+
+weights  = bytes of the tensors that live on the device: every ``blk.N.*``
+           tensor with N < offloaded layers, plus the output head when all
+           layers are offloaded (llama.cpp keeps the input embeddings on the host).
+           In CPU mode every tensor counts.
+kv cache = n_ctx × layers × (n_embd_k_gqa × size(type_k) + n_embd_v_gqa × size(type_v));
+           with --kv-unified the context is shared by all slots, not multiplied.
+overhead = compute buffers, scaled with the micro-batch, plus a fixed runtime share.
+
+Reading the header is blocking I/O (the tensor data is not read): call
+``read_gguf`` through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_MIB = 1024 * 1024
+
+# Bytes per element of the KV cache types llama-server accepts.
+CACHE_TYPE_BYTES: dict[str, float] = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+    "q4_1": 20 / 32,
+    "iq4_nl": 18 / 32,
+    "q5_0": 22 / 32,
+    "q5_1": 24 / 32,
+}
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+# What a GPU runtime (CUDA context, cuBLAS workspace) takes before any model.
+GPU_RUNTIME_MIB = 256
+HOST_RUNTIME_MIB = 16
+
+
+@dataclass(frozen=True, slots=True)
+class GgufFacts:
+    architecture: str
+    block_count: int
+    head_count: int
+    head_count_kv: int
+    embedding_length: int
+    feed_forward_length: int
+    context_length: int
+    vocab_size: int
+    key_length: int
+    value_length: int
+    block_tensor_bytes: tuple[int, ...]  # per layer
+    output_bytes: int  # output head (output.weight, output_norm)
+    other_bytes: int  # token embeddings and anything else outside the blocks
+    tensor_types: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    weights_mib: int
+    kv_cache_mib: int
+    overhead_mib: int
+    total_mib: int
+
+
+def _field(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def read_gguf(path: Path) -> GgufFacts:
+    """Read the facts the estimate needs from ``path``'s header (blocking)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r")
+    arch = str(_field(reader, "general.architecture") or "llama")
+
+    def number(name: str, default: int = 0) -> int:
+        value = _field(reader, f"{arch}.{name}")
+        if isinstance(value, list):  # per-layer arrays (some architectures): take the max
+            value = max(value) if value else default
+        return int(value) if value is not None else default
+
+    blocks = number("block_count")
+    heads = number("attention.head_count", 1)
+    embd = number("embedding_length")
+    per_block = [0] * blocks
+    output = other = 0
+    types: set[str] = set()
+    for tensor in reader.tensors:
+        size = int(tensor.n_bytes)
+        types.add(tensor.tensor_type.name)
+        match = _BLOCK.match(tensor.name)
+        if match and int(match.group(1)) < blocks:
+            per_block[int(match.group(1))] += size
+        elif tensor.name.startswith("output"):
+            output += size
+        else:
+            other += size
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    head_dim = embd // heads if heads else 0
+    return GgufFacts(
+        architecture=arch,
+        block_count=blocks,
+        head_count=heads,
+        head_count_kv=number("attention.head_count_kv", heads),
+        embedding_length=embd,
+        feed_forward_length=number("feed_forward_length"),
+        context_length=number("context_length"),
+        vocab_size=number("vocab_size") or (len(tokens) if isinstance(tokens, list) else 0),
+        key_length=number("attention.key_length", head_dim),
+        value_length=number("attention.value_length", head_dim),
+        block_tensor_bytes=tuple(per_block),
+        output_bytes=output,
+        other_bytes=other,
+        tensor_types=tuple(sorted(types)),
+    )
+
+
+def estimate_memory(
+    facts: GgufFacts,
+    *,
+    n_ctx: int,
+    n_gpu_layers: int,
+    type_k: str,
+    type_v: str,
+    ubatch: int,
+    on_gpu: bool,
+) -> MemoryEstimate:
+    """The estimate for one launch (pure). ``n_gpu_layers`` −1 means all layers."""
+    blocks = facts.block_count
+    layers = blocks if not on_gpu or n_gpu_layers < 0 else min(n_gpu_layers, blocks)
+    weights = sum(facts.block_tensor_bytes[:layers])
+    if not on_gpu:
+        weights += facts.output_bytes + facts.other_bytes
+    elif n_gpu_layers < 0 or n_gpu_layers > blocks:
+        weights += facts.output_bytes
+    per_token = layers * (
+        facts.head_count_kv * facts.key_length * CACHE_TYPE_BYTES[type_k]
+        + facts.head_count_kv * facts.value_length * CACHE_TYPE_BYTES[type_v]
+    )
+    kv = n_ctx * per_token
+    # Compute buffers: logits for one micro-batch plus activations of the widest layer.
+    compute = ubatch * 4 * (facts.vocab_size + 4 * max(facts.embedding_length, 1))
+    compute += ubatch * 4 * facts.feed_forward_length
+    runtime = GPU_RUNTIME_MIB if on_gpu else HOST_RUNTIME_MIB
+    weights_mib = _ceil_mib(weights)
+    kv_mib = _ceil_mib(kv)
+    overhead_mib = _ceil_mib(compute) + runtime
+    return MemoryEstimate(weights_mib, kv_mib, overhead_mib, weights_mib + kv_mib + overhead_mib)
+
+
+def _ceil_mib(size: float) -> int:
+    return int(-(-size // _MIB))

@@ -1,0 +1,159 @@
+"""Wire the router together and run it: grpc.aio server, health, reflection, graceful stop.
+
+gRPC is up and answering status before any model is loaded; preloads run in
+the background. Stop order on SIGTERM/SIGINT: health NOT_SERVING, stop taking
+calls and let running ones finish for ``grpc.grace_sec``, then stop the children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router.config import Settings
+from router.inference import Engine
+from router.interceptors import ErrorInterceptor
+from router.pool.pool import Pool
+from router.resources.devices import HostMemory, Inventory, SimulatedGpu, SimulatedGpus
+from router.resources.report import build_report
+from router.servicers.inference import InferenceServicer
+from router.servicers.model_control import ModelControlServicer
+from router.status import FullStatus, ServerSnapshot, ServerState, StatusHub
+from router.v1 import (
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+    model_control_service_pb2,
+    model_control_service_pb2_grpc,
+)
+
+_LOGGER = logging.getLogger(__name__)
+VERSION = importlib.metadata.version("routermodel")
+SERVICE_NAMES = (
+    inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    model_control_service_pb2.DESCRIPTOR.services_by_name["ModelControlService"].full_name,
+)
+# Room for protobuf framing around the largest body the facade accepts.
+_MESSAGE_OVERHEAD = 64 * 1024
+_MAX_SEND_BYTES = 256 * 1024 * 1024
+
+
+def make_inventory(settings: Settings) -> Inventory:
+    """Simulated GPUs when configured, NVML GPUs when available, else the host (CPU mode)."""
+    system = settings.system
+    if system.simulated_gpus:
+        gpus = [SimulatedGpu(g.name, g.total_mib, g.used_mib) for g in system.simulated_gpus]
+        return SimulatedGpus(gpus, system.gpu_devices)
+    from router.resources.nvml import open_nvml
+
+    nvml = open_nvml(system.gpu_devices)
+    if nvml is not None:
+        return nvml
+    _LOGGER.info("no NVIDIA GPU (NVML unavailable): running in CPU mode")
+    return HostMemory(system.memory_budget_mib)
+
+
+@dataclass(slots=True)
+class _ServerInfo:
+    state: ServerState
+    started_at: float
+
+
+class Router:
+    """One router process: pool, status hub, engine and the gRPC server over them."""
+
+    def __init__(self, settings: Settings, inventory: Inventory | None = None) -> None:
+        self.settings = settings
+        self.inventory = inventory or make_inventory(settings)
+        self._info = _ServerInfo(ServerState.STARTING, time.time())
+        self.hub = StatusHub(self._full_status)
+        self.pool = Pool(settings, self.hub.publish, self.inventory)
+        self.engine = Engine(self.pool)
+        # grpc-stubs does not describe grpc_health's asyncio servicer.
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    def server_snapshot(self) -> ServerSnapshot:
+        return ServerSnapshot(
+            state=self._info.state,
+            started_at=self._info.started_at,
+            epoch=self.hub.epoch,
+            version=VERSION,
+            cpu_mode=self.inventory.cpu_mode,
+            updated_at=self.hub.updated_at,
+        )
+
+    def _full_status(self) -> FullStatus:
+        return FullStatus(self.server_snapshot(), self.pool.snapshots())
+
+    def _set_state(self, state: ServerState) -> None:
+        self._info.state = state
+        self.hub.publish(self.server_snapshot())
+
+    async def start(self) -> int:
+        """Start serving; returns the bound port (``grpc.port`` 0 picks a free one)."""
+        await self.pool.start()
+        body_limit = self.settings.api.max_body_bytes + _MESSAGE_OVERHEAD
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", body_limit),
+                ("grpc.max_send_message_length", _MAX_SEND_BYTES),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.engine), server
+        )
+        model_control_service_pb2_grpc.add_ModelControlServiceServicer_to_server(
+            ModelControlServicer(
+                self.pool,
+                self.hub,
+                self.server_snapshot,
+                lambda model: build_report(self.pool, self.inventory, model),
+                self.settings.system.heartbeat_sec,
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        grpc_settings = self.settings.grpc
+        self.port = server.add_insecure_port(f"{grpc_settings.host}:{grpc_settings.port}")
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        _LOGGER.info("router serving on %s:%d", grpc_settings.host, self.port)
+        self.pool.start_preload(lambda: self._set_state(ServerState.SERVING))
+        return self.port
+
+    async def stop(self) -> None:
+        """Graceful stop: NOT_SERVING, drain calls up to grace, then stop every child."""
+        if self._info.state is ServerState.SHUTTING_DOWN:
+            return
+        self._set_state(ServerState.SHUTTING_DOWN)
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.grpc.grace_sec)
+        await self.pool.shutdown()
+        _LOGGER.info("router stopped")
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    router = Router(settings)
+    try:
+        await router.start()
+        await stop.wait()
+    finally:
+        await router.stop()

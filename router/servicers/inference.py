@@ -1,0 +1,54 @@
+"""InferenceService: proto in, engine call, proto out. No business logic here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from router.errors import InvalidRequest
+from router.inference import Engine, GenerateCall, new_request_id
+from router.scheduler.queue import Priority
+from router.servicers.convert import KIND_FROM_PB, PRIORITY_FROM_PB, generate_event_to_pb
+from router.v1 import inference_service_pb2 as ipb
+from router.v1 import inference_service_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def Generate(
+        self, request: ipb.GenerateRequest, context: Context
+    ) -> AsyncIterator[ipb.GenerateResponse]:
+        kind = KIND_FROM_PB.get(request.kind)
+        if kind is None:
+            raise InvalidRequest("kind must be GENERATE_KIND_CHAT or GENERATE_KIND_COMPLETION")
+        call = GenerateCall(
+            model=request.model,
+            kind=kind,
+            body=request.body,
+            priority=PRIORITY_FROM_PB.get(request.priority, Priority.NORMAL),
+            request_id=request.request_id or new_request_id(),
+        )
+        async for event in self._engine.generate(call):
+            yield generate_event_to_pb(event)
+
+    async def Embed(self, request: ipb.EmbedRequest, context: Context) -> ipb.EmbedResponse:
+        if request.inputs and request.token_inputs:
+            raise InvalidRequest("set either inputs or token_inputs, not both")
+        inputs: list[str] | list[list[int]] = (
+            list(request.inputs) if request.inputs else [list(t.ids) for t in request.token_inputs]
+        )
+        result = await self._engine.embed(
+            request.model, inputs, PRIORITY_FROM_PB.get(request.priority, Priority.NORMAL)
+        )
+        return ipb.EmbedResponse(
+            embeddings=[ipb.Embedding(index=i, values=v) for i, v in enumerate(result.vectors)],
+            usage=ipb.Usage(
+                prompt_tokens=result.usage.prompt_tokens, total_tokens=result.usage.total_tokens
+            ),
+        )

@@ -1,0 +1,216 @@
+"""ModelControlService: proto in, pool/hub call, proto out. No business logic here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from router.errors import InvalidRequest
+from router.pool.health import health_status
+from router.pool.pool import Pool
+from router.pool.state import ModelState
+from router.resources.report import ResourceReport
+from router.servicers.convert import (
+    model_to_pb,
+    server_to_pb,
+    status_event_to_pb,
+    summary_to_pb,
+    timestamp,
+)
+from router.status import ServerSnapshot, StatusHub
+from router.v1 import model_control_service_pb2 as mpb
+from router.v1 import model_control_service_pb2_grpc, model_pb2
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_HEALTH_TO_PB = {
+    "healthy": mpb.MODEL_HEALTH_STATUS_HEALTHY,
+    "degraded": mpb.MODEL_HEALTH_STATUS_DEGRADED,
+    "down": mpb.MODEL_HEALTH_STATUS_DOWN,
+    "not_running": mpb.MODEL_HEALTH_STATUS_NOT_RUNNING,
+}
+_MAX_LOG_LINES = 2000
+
+
+class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceServicer):
+    def __init__(
+        self,
+        pool: Pool,
+        hub: StatusHub,
+        server: Callable[[], ServerSnapshot],
+        resources: Callable[[str], ResourceReport],
+        heartbeat_sec: float,
+    ) -> None:
+        self._pool = pool
+        self._hub = hub
+        self._server = server
+        self._resources = resources
+        self._heartbeat_sec = heartbeat_sec
+
+    async def ListModels(
+        self, request: mpb.ListModelsRequest, context: Context
+    ) -> mpb.ListModelsResponse:
+        snapshots = self._pool.snapshots()
+        return mpb.ListModelsResponse(
+            models=[model_to_pb(s) for s in snapshots],
+            server=server_to_pb(self._server()),
+            summary=summary_to_pb(snapshots),
+        )
+
+    async def GetModel(
+        self, request: mpb.GetModelRequest, context: Context
+    ) -> mpb.GetModelResponse:
+        return mpb.GetModelResponse(model=self._model(request.model))
+
+    async def LoadModel(
+        self, request: mpb.LoadModelRequest, context: Context
+    ) -> mpb.LoadModelResponse:
+        if request.timeout_sec < 0:
+            raise InvalidRequest("timeout_sec must not be negative")
+        supervisor = self._pool.get(request.model)
+        await supervisor.load(request.wait, request.timeout_sec or None)
+        return mpb.LoadModelResponse(model=model_to_pb(supervisor.snapshot()))
+
+    async def UnloadModel(
+        self, request: mpb.UnloadModelRequest, context: Context
+    ) -> mpb.UnloadModelResponse:
+        if request.drain_timeout_sec < 0:
+            raise InvalidRequest("drain_timeout_sec must not be negative")
+        supervisor = self._pool.get(request.model)
+        was_running = await supervisor.unload(
+            force=request.force, drain_timeout=request.drain_timeout_sec or None
+        )
+        return mpb.UnloadModelResponse(
+            model=model_to_pb(supervisor.snapshot()), was_running=was_running
+        )
+
+    async def ResetModel(
+        self, request: mpb.ResetModelRequest, context: Context
+    ) -> mpb.ResetModelResponse:
+        supervisor = self._pool.get(request.model)
+        was_failed, previous = supervisor.reset()
+        return mpb.ResetModelResponse(
+            model=model_to_pb(supervisor.snapshot()),
+            was_failed=was_failed,
+            previous_error=previous,
+        )
+
+    async def WatchModels(
+        self, request: mpb.WatchModelsRequest, context: Context
+    ) -> AsyncIterator[mpb.WatchModelsResponse]:
+        async for event in self._hub.subscribe(request.last_event_id, self._heartbeat_sec):
+            yield status_event_to_pb(event)
+
+    async def ListFailedModels(
+        self, request: mpb.ListFailedModelsRequest, context: Context
+    ) -> mpb.ListFailedModelsResponse:
+        failed = []
+        for snapshot in self._pool.snapshots():
+            if snapshot.state is ModelState.FAILED or snapshot.consecutive_failures:
+                entry = mpb.FailedModel(
+                    model=snapshot.alias,
+                    attempts=snapshot.consecutive_failures,
+                    error=snapshot.last_error,
+                    circuit_open=snapshot.state is ModelState.FAILED,
+                )
+                stamp = timestamp(snapshot.retry_at)
+                if stamp is not None:
+                    entry.retry_at.CopyFrom(stamp)
+                failed.append(entry)
+        return mpb.ListFailedModelsResponse(failed_models=failed)
+
+    async def GetQueueStats(
+        self, request: mpb.GetQueueStatsRequest, context: Context
+    ) -> mpb.GetQueueStatsResponse:
+        response = mpb.GetQueueStatsResponse()
+        summary = response.summary
+        for supervisor in self._pool.supervisors():
+            queue = supervisor.queue
+            counters = queue.counters
+            stats = response.per_model[supervisor.alias]
+            stats.queue_length = queue.waiting
+            stats.current_processing = queue.running
+            stats.slots = supervisor.settings.spec.slots
+            stats.max_queue_size = queue.max_waiting
+            stats.total_requests = counters.total_requests
+            stats.total_processed = counters.total_processed
+            stats.total_rejected = counters.total_rejected
+            stats.total_timed_out = counters.total_timed_out
+            stats.total_cancelled = counters.total_cancelled
+            for priority, count in queue.count_by_priority().items():
+                stats.queued_by_priority[priority.name.lower()] = count
+            summary.total_queued += queue.waiting
+            summary.total_processing += queue.running
+            summary.total_processed += counters.total_processed
+            summary.total_rejected += counters.total_rejected
+            summary.total_timed_out += counters.total_timed_out
+            summary.total_cancelled += counters.total_cancelled
+        return response
+
+    async def GetResources(
+        self, request: mpb.GetResourcesRequest, context: Context
+    ) -> mpb.GetResourcesResponse:
+        if request.model:
+            self._pool.get(request.model)
+        report = self._resources(request.model)
+        return mpb.GetResourcesResponse(
+            cpu_mode=report.cpu_mode,
+            devices=[
+                mpb.Device(
+                    id=d.id,
+                    name=d.name,
+                    total_mib=d.total_mib,
+                    used_mib=d.used_mib,
+                    free_mib=d.free_mib,
+                    reserved_mib=d.reserved_mib,
+                    simulated=d.simulated,
+                )
+                for d in report.devices
+            ],
+            models=[
+                mpb.ModelMemory(
+                    model=m.alias,
+                    device=m.device,
+                    state=model_pb2.ModelState.Value(f"MODEL_STATE_{m.state.name}"),
+                    estimate_mib=m.estimate_mib,
+                    measured_mib=m.measured_mib,
+                    weights_mib=m.weights_mib,
+                    kv_cache_mib=m.kv_cache_mib,
+                    fits=m.fits,
+                )
+                for m in report.models
+            ],
+            loadable_models=report.loadable,
+        )
+
+    async def GetModelHealth(
+        self, request: mpb.GetModelHealthRequest, context: Context
+    ) -> mpb.GetModelHealthResponse:
+        response = mpb.GetModelHealthResponse()
+        for supervisor in self._pool.supervisors():
+            record = self._pool.liveness.record(supervisor.alias)
+            health = response.models[supervisor.alias]
+            health.status = _HEALTH_TO_PB[health_status(record, supervisor.state).value]
+            health.uptime_percent = record.uptime_percent
+            health.consecutive_failures = record.consecutive_failures
+            health.avg_probe_ms = record.avg_probe_ms
+            health.probes = record.probes
+            health.replacements = record.replacements
+            stamp = timestamp(record.last_check)
+            if stamp is not None:
+                health.last_check.CopyFrom(stamp)
+        return response
+
+    async def GetModelLogs(
+        self, request: mpb.GetModelLogsRequest, context: Context
+    ) -> mpb.GetModelLogsResponse:
+        if request.lines < 0:
+            raise InvalidRequest("lines must not be negative")
+        supervisor = self._pool.get(request.model)
+        count = min(request.lines or 200, _MAX_LOG_LINES)
+        return mpb.GetModelLogsResponse(lines=supervisor.tail_log(count))
+
+    def _model(self, alias: str) -> model_pb2.Model:
+        return model_to_pb(self._pool.get(alias).snapshot())

@@ -1,0 +1,313 @@
+"""Pool lifecycle under faults, with the fake llama-server as a real child process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients import (
+    Chunk,
+    DeadlineExceededError,
+    End,
+    GenerateEvent,
+    RouterClient,
+    UnavailableError,
+)
+from clients.errors import RouterError
+from router.v1 import model_control_service_pb2 as mpb
+from tests.helpers import fake_server, pid_alive, running_router, settings_for, wait_until
+
+PROMPT = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+@pytest.fixture
+def fake_model(tiny_chat: Path):
+    """A model entry for the fake server; the router reads the (real) GGUF header for estimates."""
+
+    def entry(tmp_path: Path, name: str) -> dict[str, object]:
+        path = tmp_path / f"{name}.gguf"
+        path.symlink_to(tiny_chat)
+        return {"model_path": str(path), "params": {"n_ctx": 1024}}
+
+    return entry
+
+
+@pytest.fixture
+def fake(tmp_path: Path):
+    return lambda *knobs: fake_server(tmp_path, *knobs)
+
+
+async def drain(
+    client: RouterClient, model: str, body: dict[str, Any] | None = None
+) -> list[GenerateEvent]:
+    return [event async for event in client.generate(model, body or {**PROMPT, "max_tokens": 3})]
+
+
+async def test_load_timeout_holds_no_lock(tmp_path: Path, fake, fake_model) -> None:
+    """Seed defect W1: a timed-out load must leave every model and status call usable."""
+    settings = settings_for(
+        tmp_path,
+        {"stuck": fake_model(tmp_path, "stuck")},
+        system={
+            "llama_server_path": fake("--load-delay 60"),
+            "wait_ready_sec": 1.5,
+            "model_load_max_retries": 0,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        stuck = asyncio.create_task(drain(client, "stuck"))
+        await wait_until(lambda: router.pool.get("stuck").child is not None, 5)
+        stuck_pid = router.pool.get("stuck").child.pid  # type: ignore[union-attr]
+        started = time.monotonic()
+        status = await client.list_models()
+        assert time.monotonic() - started < 0.5
+        assert {m.alias: m.state for m in status.models}["stuck"] in ("starting", "loading")
+        with pytest.raises(UnavailableError) as caught:
+            await stuck
+        assert caught.value.reason == "LOAD_FAILED"
+        assert "ready in time" in caught.value.message
+        assert not pid_alive(stuck_pid)
+        assert router.pool.reservations() == {}
+        model = await client.get_model("stuck")
+        assert model.state == "stopped" and model.pid == 0
+
+
+async def test_load_cancelled_by_unload_releases_everything(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"slow": fake_model(tmp_path, "slow"), "other": fake_model(tmp_path, "other")},
+        system={"llama_server_path": fake("--load-delay 60"), "wait_ready_sec": 60},
+    )
+    async with running_router(settings) as (router, client):
+        with pytest.raises(DeadlineExceededError):
+            await client.load("slow", timeout=0.3)  # the caller gives up; the load goes on
+        supervisor = router.pool.get("slow")
+        assert supervisor.state.value in ("starting", "loading")
+        pid = supervisor.child.pid  # type: ignore[union-attr]
+        started = time.monotonic()
+        await client.unload("slow", force=True)  # cancels the load
+        assert time.monotonic() - started < 3
+        assert not pid_alive(pid)
+        assert router.pool.reservations() == {}
+        assert (await client.get_model("slow")).state == "stopped"
+        # Nothing is left locked: another load starts at once.
+        load = asyncio.create_task(client.load("other", wait=False))
+        await load
+        await wait_until(lambda: router.pool.get("other").child is not None, 5)
+
+
+async def test_crash_loop_opens_the_circuit_and_reset_closes_it(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"crashy": fake_model(tmp_path, "crashy")},
+        system={
+            "llama_server_path": fake("--exit-at-start 3 --exit-message 'segmentation fault'"),
+            "failure_threshold": 3,
+            "model_load_max_retries": 2,
+            "failure_cooldown_sec": 1.0,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        with pytest.raises(UnavailableError):
+            await drain(client, "crashy")
+        model = await client.get_model("crashy")
+        assert model.state == "failed"
+        assert model.consecutive_failures == 3
+        assert "segmentation" not in model.last_error  # a summary, never the child's log
+        spawned = router.pool.get("crashy").log.tail(100).count("segmentation fault")
+        assert spawned == 3
+        with pytest.raises(UnavailableError) as caught:
+            await drain(client, "crashy")
+        assert caught.value.reason == "CIRCUIT_OPEN"
+        assert caught.value.retry_after is not None and caught.value.retry_after >= 1
+        assert router.pool.get("crashy").log.tail(100).count("segmentation fault") == spawned
+        # After the cool-down one half-open attempt is made, and it fails alone.
+        await asyncio.sleep(1.1)
+        with pytest.raises(UnavailableError):
+            await drain(client, "crashy")
+        assert router.pool.get("crashy").log.tail(100).count("segmentation fault") == spawned + 1
+        reset = await client.control.ResetModel(mpb.ResetModelRequest(model="crashy"))
+        assert reset.was_failed and reset.previous_error
+        assert (await client.get_model("crashy")).state == "stopped"
+
+
+async def test_permanent_failure_opens_the_circuit_at_once(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"bad": fake_model(tmp_path, "bad")},
+        system={
+            "llama_server_path": fake(
+                "--exit-at-start 1 --exit-message 'error: failed to load model'"
+            ),
+            "model_load_max_retries": 2,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        with pytest.raises(UnavailableError) as caught:
+            await drain(client, "bad")
+        assert "could not be loaded" in caught.value.message
+        assert "/" not in caught.value.message  # no paths reach clients
+        model = await client.get_model("bad")
+        assert model.state == "failed" and model.consecutive_failures == 1
+
+
+async def test_missing_model_file_fails_that_model_only(tmp_path: Path, fake, fake_model) -> None:
+    models = {
+        "gone": {"model_path": str(tmp_path / "missing.gguf")},
+        "ok": fake_model(tmp_path, "ok"),
+    }
+    settings = settings_for(tmp_path, models, system={"llama_server_path": fake()})
+    async with running_router(settings) as (_, client):
+        with pytest.raises(UnavailableError) as caught:
+            await drain(client, "gone")
+        assert "does not exist" in caught.value.message
+        assert str(tmp_path) not in caught.value.message
+        events = await drain(client, "ok")
+        assert isinstance(events[-1], End)
+
+
+async def test_child_ignoring_sigterm_is_killed_after_the_grace(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"stubborn": fake_model(tmp_path, "stubborn")},
+        system={"llama_server_path": fake("--ignore-sigterm"), "stop_grace_sec": 0.5},
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("stubborn")
+        pid = router.pool.get("stubborn").child.pid  # type: ignore[union-attr]
+        started = time.monotonic()
+        await client.unload("stubborn")
+        elapsed = time.monotonic() - started
+        assert not pid_alive(pid)
+        assert 0.4 < elapsed < 3
+
+
+async def test_drain_lets_in_flight_requests_finish(tmp_path: Path, fake, fake_model) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": fake_model(tmp_path, "m")},
+        system={"llama_server_path": fake("--token-delay 0.01")},
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("m")
+        running = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": 50}))
+        await wait_until(lambda: router.pool.get("m").in_flight == 1, 5)
+        await client.unload("m", drain_timeout=10)
+        events = await running
+        assert isinstance(events[-1], End) and events[-1].usage.completion_tokens == 50
+        assert (await client.get_model("m")).state == "stopped"
+
+
+async def test_force_unload_fails_in_flight_requests(tmp_path: Path, fake, fake_model) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": fake_model(tmp_path, "m")},
+        system={"llama_server_path": fake("--token-delay 0.01")},
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("m")
+        running = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": 1000}))
+        await wait_until(lambda: router.pool.get("m").in_flight == 1, 5)
+        await client.unload("m", force=True)
+        with pytest.raises(UnavailableError) as caught:
+            await running
+        assert caught.value.reason == "MODEL_UNLOADED"
+
+
+async def test_hung_child_is_replaced(tmp_path: Path, fake, fake_model) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": fake_model(tmp_path, "m")},
+        system={
+            "llama_server_path": fake("--token-delay 0.01"),
+            "request_timeout_sec": 1.0,
+            "probe_interval_sec": 0.3,
+            "probe_timeout_sec": 0.3,
+            "probe_failures_to_replace": 2,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("m")
+        pid = router.pool.get("m").child.pid  # type: ignore[union-attr]
+        stopped = False
+        started = 0.0
+        with pytest.raises((DeadlineExceededError, UnavailableError)) as caught:
+            async for event in client.generate("m", {**PROMPT, "max_tokens": 10000}):
+                if isinstance(event, Chunk) and not stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped, started = True, time.monotonic()
+        assert time.monotonic() - started < 3
+        assert isinstance(caught.value, RouterError)
+        await wait_until(lambda: not pid_alive(pid), 5)
+        events = await drain(client, "m")
+        assert isinstance(events[-1], End)
+        health = router.pool.liveness.record("m")
+        assert health.replacements == 1
+
+
+async def test_queue_full_is_rejected_with_retry_hint(tmp_path: Path, fake, fake_model) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": {**fake_model(tmp_path, "m"), "params": {"n_ctx": 1024, "parallel_override": 1}}},
+        system={"llama_server_path": fake("--token-delay 0.02"), "max_queue_size_per_model": 2},
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("m")
+        body = {**PROMPT, "max_tokens": 100}
+        running = [asyncio.create_task(drain(client, "m", body)) for _ in range(3)]
+        await wait_until(lambda: router.pool.get("m").queue.waiting == 2, 5)
+        from clients import RateLimitError
+
+        with pytest.raises(RateLimitError) as caught:
+            await drain(client, "m", body)
+        assert caught.value.reason == "QUEUE_FULL" and caught.value.retry_after
+        results = await asyncio.gather(*running)
+        assert all(isinstance(r[-1], End) for r in results)
+
+
+async def test_queue_timeout_is_deadline_exceeded(tmp_path: Path, fake, fake_model) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": {**fake_model(tmp_path, "m"), "params": {"n_ctx": 1024, "parallel_override": 1}}},
+        system={"llama_server_path": fake("--token-delay 0.01"), "queue_timeout_sec": 0.5},
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("m")
+        long = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": 300}))
+        await wait_until(lambda: router.pool.get("m").in_flight == 1, 5)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError) as caught:
+            await drain(client, "m")
+        assert caught.value.reason == "QUEUE_TIMEOUT"
+        assert 0.4 < time.monotonic() - started < 2
+        assert router.pool.get("m").queue.waiting == 0
+        await long
+
+
+async def test_upstream_4xx_is_invalid_argument_with_its_type(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    settings = settings_for(
+        tmp_path, {"m": fake_model(tmp_path, "m")}, system={"llama_server_path": fake()}
+    )
+    async with running_router(settings) as (_, client):
+        from clients import InvalidRequestError
+
+        with pytest.raises(InvalidRequestError) as caught:
+            await drain(client, "m", {**PROMPT, "max_tokens": 200000})
+        assert caught.value.reason == "UPSTREAM_REJECTED"
+        assert caught.value.metadata["upstream_type"] == "exceed_context_size_error"

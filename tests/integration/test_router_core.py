@@ -1,0 +1,251 @@
+"""The router core against real embedded llama-server children (issue: router core)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients import (
+    Chunk,
+    End,
+    GenerateEvent,
+    ModelNotFoundError,
+    RouterClient,
+    UnavailableError,
+)
+from clients.errors import InvalidRequestError, WrongModelKindError
+from router.v1 import model_control_service_pb2 as mpb
+from tests.helpers import (
+    chat_model,
+    embed_model,
+    established_connections,
+    running_router,
+    settings_for,
+    wait_until,
+)
+
+PROMPT = {"messages": [{"role": "user", "content": "hello world the router"}], "temperature": 0}
+
+
+async def collect(
+    client: RouterClient, model: str, body: dict[str, Any] | str, **kwargs: Any
+) -> list[GenerateEvent]:
+    return [event async for event in client.generate(model, body, **kwargs)]
+
+
+async def test_generate_streams_chunks_then_end_with_usage(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat)})
+    async with running_router(settings) as (_, client):
+        events = await collect(client, "chat", {**PROMPT, "max_tokens": 16, "stream": True})
+    chunks = [e for e in events if isinstance(e, Chunk)]
+    end = events[-1]
+    assert isinstance(end, End)
+    assert end.finish_reason == "length"
+    assert end.usage.completion_tokens == 16
+    assert end.usage.prompt_tokens > 0
+    assert len(chunks) >= 2
+    text = "".join(c.text for c in chunks)
+    assert text.strip() and text.isascii()
+
+
+async def test_non_stream_returns_one_complete_response(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat)})
+    async with running_router(settings) as (_, client):
+        events = await collect(client, "chat", {**PROMPT, "max_tokens": 8})
+        completion = await collect(
+            client, "chat", {"prompt": "hello world", "max_tokens": 4}, kind="completion"
+        )
+    chunks = [e for e in events if isinstance(e, Chunk)]
+    assert len(chunks) == 1 and len(chunks[0].data) == 1
+    assert '"object":"chat.completion"' in chunks[0].data[0]
+    assert isinstance(events[-1], End) and events[-1].usage.completion_tokens == 8
+    assert isinstance(completion[-1], End) and completion[-1].usage.completion_tokens == 4
+
+
+async def test_first_chunk_arrives_long_before_the_end(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat, n_ctx=8192)})
+    async with running_router(settings) as (_, client):
+        await client.load("chat")
+        started = time.monotonic()
+        first = 0.0
+        async for event in client.generate("chat", {**PROMPT, "max_tokens": 3000, "stream": True}):
+            if isinstance(event, Chunk) and not first:
+                first = time.monotonic() - started
+        total = time.monotonic() - started
+    assert first < total / 4, f"first chunk at {first:.3f} s of {total:.3f} s"
+
+
+async def test_concurrency_is_capped_at_the_slots(tmp_path: Path, tiny_chat: Path) -> None:
+    slots, requests = 2, 7
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat, parallel_override=slots)})
+    async with running_router(settings) as (router, client):
+        await client.load("chat")
+        child = router.pool.get("chat").child
+        assert child is not None
+        peak_upstream = peak_queued = 0
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak_upstream, peak_queued
+            while not done.is_set():
+                peak_upstream = max(peak_upstream, established_connections(child.port))
+                peak_queued = max(peak_queued, router.pool.get("chat").queue.waiting)
+                await asyncio.sleep(0.002)
+
+        sampler = asyncio.create_task(sample())
+        results = await asyncio.gather(
+            *(
+                collect(client, "chat", {**PROMPT, "max_tokens": 400, "stream": True})
+                for _ in range(requests)
+            )
+        )
+        done.set()
+        await sampler
+    assert all(isinstance(r[-1], End) and r[-1].usage.completion_tokens == 400 for r in results)
+    assert 1 <= peak_upstream <= slots
+    assert peak_queued >= 1  # the excess really waited in the router
+
+
+async def test_cancel_frees_the_slot_at_once(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(
+        tmp_path, {"chat": chat_model(tiny_chat, n_ctx=65536, parallel_override=1)}
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("chat")
+        stream = client.generate("chat", {**PROMPT, "max_tokens": 60000, "stream": True})
+        async for event in stream:
+            if isinstance(event, Chunk):
+                break
+        await stream.aclose()  # the caller goes away mid-generation
+        started = time.monotonic()
+        async for event in client.generate("chat", {**PROMPT, "max_tokens": 4, "stream": True}):
+            if isinstance(event, Chunk):
+                break
+        waited = time.monotonic() - started
+        await wait_until(lambda: router.pool.get("chat").in_flight == 0, 2)
+    assert waited < 1.0, f"the next request waited {waited:.2f} s for the slot"
+
+
+async def test_child_killed_mid_stream_gives_unavailable_then_recovers(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat, n_ctx=65536)})
+    async with running_router(settings) as (router, client):
+        await client.load("chat")
+        child = router.pool.get("chat").child
+        assert child is not None
+        killed_at = 0.0
+        with pytest.raises(UnavailableError) as caught:
+            async for event in client.generate(
+                "chat", {**PROMPT, "max_tokens": 60000, "stream": True}
+            ):
+                if isinstance(event, Chunk) and not killed_at:
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed_at = time.monotonic()
+        assert time.monotonic() - killed_at < 2.0
+        assert caught.value.reason == "MODEL_CRASHED"
+        assert caught.value.retry_after is not None
+        events = await collect(client, "chat", {**PROMPT, "max_tokens": 4, "stream": True})
+        assert isinstance(events[-1], End)
+        model = await client.get_model("chat")
+        assert model.state == "ready" and model.restarts == 1 and model.pid != child.pid
+
+
+async def test_concurrent_cold_requests_start_one_process(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat, parallel_override=4)})
+    async with running_router(settings) as (_, client):
+        starts = 0
+        pids: set[int] = set()
+
+        async def count_starts() -> None:
+            nonlocal starts
+            previous = "stopped"
+            async for event in client.watch():
+                if event.kind == "model_update" and event.model:
+                    if event.model.state == "starting" and previous != "starting":
+                        starts += 1  # a transition into STARTING, not a stage update
+                    previous = event.model.state
+                    if event.model.pid:
+                        pids.add(event.model.pid)
+
+        watcher = asyncio.create_task(count_starts())
+        await asyncio.sleep(0.05)
+        results = await asyncio.gather(
+            *(collect(client, "chat", {**PROMPT, "max_tokens": 4}) for _ in range(8))
+        )
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        model = await client.get_model("chat")
+    assert all(isinstance(r[-1], End) for r in results)
+    assert starts == 1
+    assert pids == {model.pid}
+    assert model.restarts == 0
+
+
+async def test_embeddings_batch_keeps_order(tmp_path: Path, tiny_embed: Path) -> None:
+    settings = settings_for(tmp_path, {"embed": embed_model(tiny_embed)})
+    texts = ["hello world", "the cat", "router moon day"]
+    async with running_router(settings) as (_, client):
+        batch = await client.embed("embed", texts)
+        singles = [(await client.embed("embed", [text])).embeddings[0] for text in texts]
+    assert len(batch.embeddings) == 3
+    assert all(len(v) == 64 for v in batch.embeddings)
+    for vector, single in zip(batch.embeddings, singles, strict=True):
+        assert math.isclose(
+            sum(a * b for a, b in zip(vector, single, strict=True)), 1.0, rel_tol=1e-3
+        )
+    assert batch.prompt_tokens > 0
+
+
+async def test_unknown_model_is_not_found_and_creates_no_state(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat)})
+    async with running_router(settings) as (router, client):
+        with pytest.raises(ModelNotFoundError):
+            await collect(client, "nope", PROMPT)
+        with pytest.raises(ModelNotFoundError):
+            await client.get_model("nope")
+        stats = await client.control.GetQueueStats(mpb.GetQueueStatsRequest())
+        assert set(stats.per_model) == {"chat"}
+        assert [s.alias for s in router.pool.supervisors()] == ["chat"]
+
+
+async def test_bad_requests_are_invalid_argument(
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path
+) -> None:
+    settings = settings_for(
+        tmp_path, {"chat": chat_model(tiny_chat), "embed": embed_model(tiny_embed)}
+    )
+    async with running_router(settings) as (router, client):
+        with pytest.raises(InvalidRequestError):
+            await collect(client, "chat", "{not json")
+        with pytest.raises(InvalidRequestError):
+            await collect(client, "chat", "[1, 2]")
+        with pytest.raises(WrongModelKindError):
+            await collect(client, "embed", PROMPT)
+        with pytest.raises(WrongModelKindError):
+            await client.embed("chat", ["hello"])
+        # None of these loaded anything.
+        assert all(s.child is None for s in router.pool.supervisors())
+
+
+async def test_status_answers_while_a_model_loads(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat)})
+    async with running_router(settings) as (_, client):
+        load = asyncio.create_task(client.load("chat"))
+        started = time.monotonic()
+        models = await client.list_models()
+        assert time.monotonic() - started < 0.5
+        assert models.models[0].alias == "chat"
+        ready = await load
+        assert ready.state == "ready" and ready.pid > 0 and ready.port > 0
