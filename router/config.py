@@ -450,6 +450,7 @@ class ModelConfig(_ConfigModel):
     pinned: bool = False
     devices: DeviceList | None = Field(None, min_length=1)
     max_tokens_cap: Int | None = Field(None, ge=1)
+    memory_mib: Int | None = Field(None, gt=0)  # declared device memory; replaces the estimate
     env: dict[str, str] = Field(default_factory=dict)
 
     _resolved_path: Path = PrivateAttr(default_factory=Path)

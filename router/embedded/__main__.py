@@ -192,6 +192,12 @@ def build_params(argv: Sequence[str]) -> LaunchPlan:
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
+def _say(line: str) -> None:
+    # One write(2) per line: llama.cpp's threads log to the same stderr, and print() may split a
+    # line into several writes that their output can land between.
+    os.write(sys.stderr.fileno(), f"{line}\n".encode())
+
+
 def serve(plan: LaunchPlan) -> NoReturn:
     """Run the server until SIGTERM/SIGINT, then leave without running any destructor."""
     # Blocked before the constructor starts llama.cpp's threads, which inherit the mask: a signal
@@ -201,17 +207,17 @@ def serve(plan: LaunchPlan) -> NoReturn:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
     for warning in plan.warnings:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+        _say(f"warning: {warning}")
     model = plan.params.model.path
     if not os.path.isfile(model):
-        print(f"error: model file not found: {model}", file=sys.stderr, flush=True)
+        _say(f"error: model file not found: {model}")
         os._exit(1)
     try:
         server = xlc.Server(plan.params)
     except Exception as exc:  # the wheel raises a bare RuntimeError; its log above says why
-        print(f"error: server did not start: {exc}", file=sys.stderr, flush=True)
+        _say(f"error: server did not start: {exc}")
         os._exit(1)
-    print(f"listening on {server.listening_address}", file=sys.stderr, flush=True)
+    _say(f"listening on {server.listening_address}")
 
     signal.sigwait(STOP_SIGNALS)
     # Never let ~Server() run: in xllamacpp 2026.10.11549 it can deadlock in thread::join when

@@ -93,6 +93,7 @@ class Pool:
         self._reservations: dict[str, Reservation] = {}
         self._load_turns: dict[str, asyncio.Semaphore] = {}
         self._room_changed: asyncio.Future[None] | None = None
+        self._pending: list[Supervisor] = []  # loads waiting for room, oldest first
         self._background: set[asyncio.Task[None]] = set()
         system = settings.system
         self.liveness = LivenessMonitor(
@@ -137,6 +138,11 @@ class Pool:
                 _mtime, supervisor.settings.spec.model_path
             )
         self.spawn(self.liveness.run(), name="liveness")
+        self.spawn(self._estimate_all(), name="estimates")
+
+    async def _estimate_all(self) -> None:
+        for supervisor in self._supervisors.values():
+            await supervisor.estimate_memory()
 
     def _supervisor_settings(
         self, alias: str, model: ModelConfig, device_ids: tuple[str, ...]
@@ -165,6 +171,7 @@ class Pool:
             on_gpu=not self.inventory.cpu_mode,
             vram_multiplier=system.vram_multiplier,
             min_vram_mib=system.min_vram_required,
+            memory_mib=model.memory_mib,
         )
 
     def start_preload(self, done: Callable[[], None]) -> None:
@@ -218,43 +225,53 @@ class Pool:
 
     @contextlib.asynccontextmanager
     async def admit(self, supervisor: Supervisor) -> AsyncIterator[str]:
-        """Reserve room for ``supervisor``, then hold its device's load turn."""
+        """Reserve room for ``supervisor``, then hold its device's load turn.
+
+        Loads waiting for room are served in arrival order: a load may take room
+        only when no older waiting load could take it now. Without that, a model
+        just evicted for another would win its own room back at once (livelock).
+        """
         alias = supervisor.alias
         deadline = time.monotonic() + self.settings.system.queue_timeout_sec
         limit = self.settings.system.swap_batch_limit
         held: list[Supervisor] = []
+        self._pending.append(supervisor)
         try:
             while alias not in self._reservations:
-                candidate = self._candidate(supervisor)
                 plan = self.plan_for(supervisor)
-                if isinstance(plan, Admit):
-                    self._reservations[alias] = Reservation(plan.device, candidate.memory_mib)
-                elif isinstance(plan, Evict):
-                    supervisor.set_stage(LoadStage.EVICTING)
-                    await asyncio.gather(*(self._supervisors[v].evict() for v in plan.victims))
-                    supervisor.set_stage(LoadStage.WAITING_FOR_CAPACITY)
-                elif isinstance(plan, Wait):
-                    for blocker in plan.blockers:
-                        other = self._supervisors[blocker]
-                        if other.queue.budget is None:
-                            other.queue.set_budget(limit)
-                            held.append(other)
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise DeadlineExceeded(
-                            f"no room to load model '{alias}' in time",
-                            reason=errors_pb2.ERROR_REASON_QUEUE_TIMEOUT,
-                        )
-                    await asyncio.wait({self._room_future()}, timeout=remaining)
-                elif isinstance(plan, Refuse):
+                if isinstance(plan, Refuse):
                     raise Unavailable(
                         f"model '{alias}' cannot be loaded: {plan.reason}",
                         reason=errors_pb2.ERROR_REASON_NO_CAPACITY,
                         retry_after=60.0,
                     )
+                if isinstance(plan, Admit) and not self._older_can_act(supervisor):
+                    memory = self._candidate(supervisor).memory_mib
+                    self._reservations[alias] = Reservation(plan.device, memory)
+                    continue
+                if isinstance(plan, Evict) and not self._older_can_act(supervisor):
+                    supervisor.set_stage(LoadStage.EVICTING)
+                    await asyncio.gather(*(self._supervisors[v].evict() for v in plan.victims))
+                    supervisor.set_stage(LoadStage.WAITING_FOR_CAPACITY)
+                    continue
+                if isinstance(plan, Wait):
+                    for blocker in plan.blockers:
+                        other = self._supervisors[blocker]
+                        if other.queue.budget is None:
+                            other.queue.set_budget(limit)
+                            held.append(other)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"no room to load model '{alias}' in time",
+                        reason=errors_pb2.ERROR_REASON_QUEUE_TIMEOUT,
+                    )
+                await asyncio.wait({self._room_future()}, timeout=remaining)
         finally:
+            self._pending.remove(supervisor)
             for other in held:
                 other.queue.set_budget(None)
+            self.notify()  # younger waiting loads may go now
         device = self._reservations[alias].device
         turn = self._load_turns.setdefault(
             device, asyncio.Semaphore(self.settings.system.max_loads_per_device)
@@ -292,6 +309,15 @@ class Pool:
             self._devices(),
             self.settings.system.max_concurrent_models,
         )
+
+    def _older_can_act(self, supervisor: Supervisor) -> bool:
+        """Whether a load that has waited longer than ``supervisor``'s could admit or evict now."""
+        for older in self._pending:
+            if older is supervisor:
+                return False
+            if isinstance(self.plan_for(older), (Admit, Evict)):
+                return True
+        return False
 
     def _candidate(self, supervisor: Supervisor) -> CandidateView:
         memory = max(supervisor.memory_estimate_mib, supervisor.memory_measured_mib)

@@ -77,6 +77,7 @@ class SupervisorSettings:
     on_gpu: bool
     vram_multiplier: float
     min_vram_mib: int
+    memory_mib: int | None = None  # declared in config: replaces the estimate
 
 
 class Admission(Protocol):
@@ -487,9 +488,19 @@ class Supervisor:
         except LoadError as error:
             self._record_failure(error.failure)
             raise
+        except RouterError as error:  # no room (refused or timed out): not the model's fault
+            self.last_error = error.message
+            self.set_stage(LoadStage.NONE)
+            raise
         except BaseException:
             self.set_stage(LoadStage.NONE)
             raise
+
+    async def estimate_memory(self) -> None:
+        """Estimate at start for reports; a bad file is reported when the model loads."""
+        if self.estimate is None:
+            with contextlib.suppress(LoadError):
+                await self._estimate()
 
     async def _estimate(self) -> None:
         """Estimate device memory from the GGUF header (off the event loop)."""
@@ -508,9 +519,13 @@ class Supervisor:
             n_gpu_layers=spec.n_gpu_layers,
             type_k=spec.type_k,
             type_v=spec.type_v,
-            ubatch=spec.ubatch_size or min(spec.n_batch, 512),
+            ubatch=min(spec.ubatch_size or 512, spec.n_batch),
+            slots=spec.slots,
             on_gpu=self.settings.on_gpu,
         )
+        if self.settings.memory_mib is not None:
+            self.memory_estimate_mib = self.settings.memory_mib
+            return
         total = int(self.estimate.total_mib * self.settings.vram_multiplier)
         if self.settings.on_gpu:
             total = max(total, self.settings.min_vram_mib)
@@ -531,7 +546,7 @@ class Supervisor:
             self._transition(S.STARTING)
             self.set_stage(LoadStage.SPAWNING)
             started = time.monotonic()
-            env = {**self._ctx.base_env, **self.settings.env}
+            env = {**self._ctx.base_env, **device_env(self.device), **self.settings.env}
             child = await ChildProcess.spawn(
                 argv, port=port, env=env, log=self.log, name=self.alias
             )
@@ -799,6 +814,12 @@ class Supervisor:
         if self.state is S.READY and not self.busy:
             _LOGGER.info("%s: idle for %g s, unloading", self.alias, self.settings.ttl_sec or 0)
             asyncio.get_running_loop().create_task(self.evict())
+
+
+def device_env(device: str) -> dict[str, str]:
+    """Pin a child to its GPU: it sees only that device (as CUDA device 0)."""
+    kind, _, index = device.partition(":")
+    return {"CUDA_VISIBLE_DEVICES": index} if kind == "gpu" else {}
 
 
 def _unloaded(alias: str) -> Unavailable:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -86,6 +87,19 @@ def wait_healthy(server: EmbeddedServer, timeout: float = 20.0) -> None:
                 f"embedded server not healthy within {timeout} s:\n{server.log()[-4000:]}"
             )
         time.sleep(0.01)
+
+
+def wait_for_log(server: EmbeddedServer, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+    """The first match of the multiline regex `pattern` in the log, once it appears.
+
+    `/health` can answer 200 a moment before the launcher prints its own "listening on" line.
+    """
+    deadline = time.monotonic() + timeout
+    while not (found := re.search(pattern, server.log(), re.M)):
+        if server.process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{pattern!r} not in the log:\n{server.log()[-4000:]}")
+        time.sleep(0.01)
+    return found
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import time
@@ -21,6 +22,7 @@ from tests.integration.embedded_helpers import (
     post_json,
     spawn_embedded,
     sse_data,
+    wait_for_log,
     wait_healthy,
 )
 
@@ -46,7 +48,7 @@ def chat_body(prompt: str, max_tokens: int, **extra: object) -> dict[str, object
 
 
 def test_ready_server_announces_its_address(chat_server: EmbeddedServer) -> None:
-    assert f"listening on http://{HOST}:{chat_server.port}" in chat_server.log()
+    wait_for_log(chat_server, rf"^listening on http://{re.escape(HOST)}:{chat_server.port}\n")
     assert get_json(chat_server.port, "/health") == (200, {"status": "ok"})
 
 
@@ -167,13 +169,7 @@ def test_busy_port_exits_one_without_hanging(tiny_chat: Path, tmp_path: Path) ->
 def test_zero_port_serves_on_the_announced_ephemeral_port(tiny_chat: Path, tmp_path: Path) -> None:
     server = spawn_embedded(tiny_chat, log_path=tmp_path / "server.log", port=0)
     try:
-        deadline = time.monotonic() + 20
-        while "listening on" not in server.log():
-            assert server.process.poll() is None, server.log()
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.01)
-        address = server.log().split("listening on ", 1)[1].split()[0]
-        server.port = int(address.rsplit(":", 1)[1])
+        server.port = int(wait_for_log(server, r"^listening on http://[\d.]+:(\d+)\n").group(1))
         assert server.port != 0
         wait_healthy(server)
     finally:

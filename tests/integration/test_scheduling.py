@@ -1,0 +1,241 @@
+"""Scheduling and resources with real child processes: swaps, priorities, TTL, placement."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients import End, GenerateEvent, Loading, Queued, RouterClient, UnavailableError
+from router.v1 import model_control_service_pb2 as mpb
+from tests.helpers import chat_model, fake_server, running_router, settings_for, wait_until
+
+PROMPT = {"messages": [{"role": "user", "content": "hello world"}], "temperature": 0}
+
+
+async def run(
+    client: RouterClient, model: str, max_tokens: int = 8, **kwargs: Any
+) -> list[GenerateEvent]:
+    body = {**PROMPT, "max_tokens": max_tokens, "stream": True}
+    return [event async for event in client.generate(model, body, **kwargs)]
+
+
+def loads_of(events: list[tuple[str, str]]) -> int:
+    """Number of transitions into READY seen on the status stream."""
+    return sum(1 for _, state in events if state == "ready")
+
+
+async def record_states(client: RouterClient, into: list[tuple[str, str]]) -> None:
+    previous: dict[str, str] = {}
+    async for event in client.watch():
+        if event.kind == "model_update" and event.model is not None:
+            model = event.model
+            if previous.get(model.alias) != model.state:
+                into.append((model.alias, model.state))
+                previous[model.alias] = model.state
+
+
+async def test_two_models_taking_turns_swap_within_the_batch_bound(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    per_model, batch = 6, 3
+    settings = settings_for(
+        tmp_path,
+        {"a": chat_model(tiny_chat), "b": chat_model(tiny_chat)},
+        system={"max_concurrent_models": 1, "swap_batch_limit": batch},
+    )
+    async with running_router(settings) as (_, client):
+        states: list[tuple[str, str]] = []
+        watcher = asyncio.create_task(record_states(client, states))
+        await asyncio.sleep(0.05)
+        tasks = []
+        for _ in range(per_model):  # arrivals interleaved A B A B ...
+            for model in ("a", "b"):
+                tasks.append(asyncio.create_task(run(client, model, 64)))
+                await asyncio.sleep(0.005)
+        results = await asyncio.gather(*tasks)
+        watcher.cancel()
+    for events in results:
+        end = events[-1]
+        assert isinstance(end, End) and end.usage.completion_tokens == 64  # none was killed
+    loads = loads_of(states)
+    bound = 2 * math.ceil(per_model / batch) + 1
+    assert 2 <= loads <= bound, f"{loads} loads, promised at most {bound}: {states}"
+    # Never both resident at once (capacity one).
+    resident: set[str] = set()
+    for alias, state in states:
+        if state in ("starting", "loading", "ready"):
+            resident.add(alias)
+        elif state in ("stopped", "failed"):
+            resident.discard(alias)
+        assert len(resident) <= 1, states
+
+
+async def test_cold_model_waiting_behind_a_busy_one_gets_queue_then_load_events(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"busy": chat_model(tiny_chat, n_ctx=16384), "cold": chat_model(tiny_chat)},
+        system={"max_concurrent_models": 1},
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("busy")
+        long = asyncio.create_task(run(client, "busy", 12000))
+        await wait_until(lambda: router.pool.get("busy").in_flight == 1, 5)
+        events = await run(client, "cold", 4)
+        await long
+    kinds = [type(e).__name__ for e in events]
+    first_loading = kinds.index("Loading")
+    first_chunk = kinds.index("Chunk")
+    assert isinstance(events[0], Queued)
+    assert 0 < first_loading < first_chunk
+    stages = [e.stage for e in events if isinstance(e, Loading)]
+    assert stages[0] == "waiting_for_capacity"
+    assert "ready" in stages
+    assert isinstance(events[-1], End)
+
+
+async def test_low_priority_is_dispatched_after_at_most_k_later_arrivals(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    k = 3
+    model = chat_model(tiny_chat, parallel_override=1)
+    settings = settings_for(
+        tmp_path,
+        {"m": model},
+        system={
+            "llama_server_path": fake_server(tmp_path, "--token-delay 0.005"),
+            "aging_dispatches": k,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("m")
+        queue = router.pool.get("m").queue
+        order: list[str] = []
+
+        async def request(name: str, priority: str) -> None:
+            await run(client, "m", 10, priority=priority)
+            order.append(name)
+
+        tasks = [asyncio.create_task(request("first", "high"))]
+        await wait_until(lambda: queue.running == 1, 5)
+        tasks.append(asyncio.create_task(request("low", "low")))
+        await wait_until(lambda: queue.waiting == 1, 5)
+        for i in range(10):  # a steady stream of later HIGH arrivals
+            tasks.append(asyncio.create_task(request(f"high{i}", "high")))
+        await wait_until(lambda: queue.waiting == 11, 5)
+        await asyncio.gather(*tasks)
+    later_highs_before_low = order.index("low") - 1
+    assert later_highs_before_low <= k, order
+
+
+async def test_idle_ttl_unloads_but_never_kills_a_running_request(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {
+            "m": {**chat_model(tiny_chat), "ttl_sec": 0.4},
+            "pinned": {**chat_model(tiny_chat), "pinned": True},
+        },
+        system={
+            "llama_server_path": fake_server(tmp_path, "--token-delay 0.02"),
+            "enable_idle_timeout": True,
+            "idle_timeout_sec": 1,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("pinned")
+        events = await run(client, "m", 50)  # ~1 s of streaming, longer than the TTL
+        assert isinstance(events[-1], End) and events[-1].usage.completion_tokens == 50
+        finished = time.monotonic()
+        await wait_until(lambda: router.pool.get("m").state.value == "stopped", 3)
+        assert time.monotonic() - finished >= 0.35  # idle is counted from the request's end
+        await asyncio.sleep(1.2)
+        assert router.pool.get("pinned").state.value == "ready"
+
+
+async def test_preload_runs_in_the_background(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": chat_model(tiny_chat)},
+        system={
+            "llama_server_path": fake_server(tmp_path, "--load-delay 1"),
+            "preload_models": ["*"],
+        },
+    )
+    async with running_router(settings) as (_, client):
+        started = time.monotonic()
+        listed = await client.list_models()
+        assert time.monotonic() - started < 0.5
+        assert listed.server.state == "starting"
+        deadline = time.monotonic() + 10
+        while (await client.get_model("m")).state != "ready":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert (await client.list_models()).server.state == "serving"
+
+
+def gib_model(tiny_chat: Path, gib: float) -> dict[str, Any]:
+    return {**chat_model(tiny_chat), "memory_mib": int(gib * 1024)}
+
+
+async def test_simulated_gpu_refuses_too_big_and_packs_two(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(
+        tmp_path,
+        {
+            "big": gib_model(tiny_chat, 10),
+            "s1": gib_model(tiny_chat, 3),
+            "s2": gib_model(tiny_chat, 3),
+            "s3": gib_model(tiny_chat, 3),
+        },
+        system={
+            "simulated_gpus": [{"name": "Sim 8G", "total_mib": 8192}],
+            "gpu_devices": [0],
+            "max_concurrent_models": 4,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        with pytest.raises(UnavailableError) as caught:
+            await run(client, "big")
+        assert caught.value.reason == "NO_CAPACITY"
+        assert "10240 MiB" in caught.value.message and "8192 MiB" in caught.value.message
+        await client.load("s1")
+        await client.load("s2")
+        both = {m.alias: m for m in (await client.list_models()).models}
+        assert both["s1"].state == both["s2"].state == "ready"
+        assert both["s1"].device == both["s2"].device == "gpu:0"
+        resources = await client.control.GetResources(mpb.GetResourcesRequest())
+        [device] = resources.devices
+        assert device.reserved_mib == 6144 and device.simulated and not resources.cpu_mode
+        assert "big" not in resources.loadable_models
+        await run(client, "s2")  # s1 is now the least recently used
+        await client.load("s3")
+        states = {m.alias: m.state for m in (await client.list_models()).models}
+        assert states == {"big": "stopped", "s1": "stopped", "s2": "ready", "s3": "ready"}
+        assert "cannot be loaded" in (await client.get_model("big")).last_error
+
+
+async def test_best_fit_placement_across_gpus(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"small": gib_model(tiny_chat, 3), "large": gib_model(tiny_chat, 6)},
+        system={
+            "simulated_gpus": [
+                {"name": "Sim 24G", "total_mib": 24576},
+                {"name": "Sim 4G", "total_mib": 4096},
+                {"name": "Sim 8G", "total_mib": 8192, "used_mib": 1024},
+            ],
+            "gpu_devices": [0, 1, 2],
+        },
+    )
+    async with running_router(settings) as (_, client):
+        await client.load("small")
+        await client.load("large")
+        devices = {m.alias: m.device for m in (await client.list_models()).models}
+    assert devices == {"small": "gpu:1", "large": "gpu:2"}
