@@ -14,12 +14,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[embedded,gpu,dev]'
 	@touch $@
 
-## run: the router on 127.0.0.1:50051 (demo config unless CONFIG=path or ./config.json); Ctrl-C stops everything.
+# promtool comes from Debian's `prometheus` package; only the binary is extracted into
+# the venv (installing the package would also start a Prometheus server).
+PROMTOOL := $(VENV)/bin/promtool
+$(PROMTOOL): | $(STAMP)
+	@set -e; tmp=$$(mktemp -d); cd $$tmp; \
+	apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get download prometheus >/dev/null 2>&1; }; \
+	dpkg-deb -x prometheus_*.deb x; cp x/usr/bin/promtool $(CURDIR)/$(PROMTOOL); rm -rf $$tmp
+
+## run: the router (127.0.0.1:50051) and the facade (127.0.0.1:8000), demo config unless
+## CONFIG=path or ./config.json; Ctrl-C (or either process ending) stops both.
 run: $(STAMP)
-	$(PY) -m router $(if $(CONFIG),-c $(CONFIG))
+	@trap 'trap - INT TERM EXIT; kill -TERM $$router $$facade 2>/dev/null; wait' INT TERM EXIT; \
+	$(PY) -m router $(if $(CONFIG),-c $(CONFIG)) & router=$$!; \
+	$(PY) -m facade $(if $(CONFIG),-c $(CONFIG)) & facade=$$!; \
+	wait -n
 
 ## test: lint the protos and code, check generated stubs, then the whole suite.
-test: $(STAMP) lint check-protos
+test: $(STAMP) $(PROMTOOL) lint check-protos
 	$(PY) -m pytest -n 2 -q
 
 lint: $(STAMP)

@@ -10,12 +10,17 @@ which makes llama-server drop the task, and frees the slot.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import grpc
+from opentelemetry import trace
 
 from router.errors import (
     DeadlineExceeded,
@@ -30,10 +35,12 @@ from router.pool.snapshot import LoadStage, ModelKind
 from router.pool.supervisor import Lease, Supervisor, Ticket
 from router.pool.upstream import Upstream, UpstreamBroken, UpstreamHTTPError, UpstreamTimeout
 from router.scheduler.queue import Priority
+from router.telemetry.records import OutcomeObserver, RequestOutcome
 from router.v1 import errors_pb2
 
 CHAT = "chat"
 COMPLETION = "completion"
+EMBEDDINGS = "embeddings"
 _PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions"}
 CRASH_SETTLE_SEC = 0.5
 
@@ -210,84 +217,133 @@ def _rejected(error: UpstreamHTTPError) -> RouterError:
 
 
 class Engine:
-    """The inference use cases over the pool."""
+    """The inference use cases over the pool.
 
-    def __init__(self, pool: Pool) -> None:
+    Every request for a configured model ends in one ``RequestOutcome`` given to
+    the observers (metrics, the rolling summary) and to the current trace span.
+    A request for an unknown alias is refused before any of that: it leaves no trace.
+    """
+
+    def __init__(self, pool: Pool, observers: Sequence[OutcomeObserver] = ()) -> None:
         self._pool = pool
+        self._observers = tuple(observers)
 
-    def _model(self, alias: str, kind: ModelKind) -> Supervisor:
-        supervisor = self._pool.get(alias)
-        if supervisor.settings.kind is not kind:
-            if kind is ModelKind.EMBEDDING:
-                raise WrongModelKind(
-                    f"model '{alias}' does not serve embeddings (it is not started with "
-                    "embedding: true)"
-                )
-            raise WrongModelKind(f"model '{alias}' is an embedding model; use /v1/embeddings")
-        return supervisor
+    @staticmethod
+    def _check_kind(supervisor: Supervisor, kind: ModelKind) -> None:
+        if supervisor.settings.kind is kind:
+            return
+        alias = supervisor.alias
+        if kind is ModelKind.EMBEDDING:
+            raise WrongModelKind(
+                f"model '{alias}' does not serve embeddings (it is not started with "
+                "embedding: true)"
+            )
+        raise WrongModelKind(f"model '{alias}' is an embedding model; use /v1/embeddings")
+
+    @contextlib.contextmanager
+    def _observed(self, outcome: RequestOutcome) -> Iterator[RequestOutcome]:
+        try:
+            yield outcome
+        except RouterError as error:
+            outcome.code, outcome.reason = error.code, error.reason_name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome.code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            outcome.code, outcome.reason = grpc.StatusCode.INTERNAL, "INTERNAL"
+            raise
+        finally:
+            outcome.duration = time.monotonic() - outcome.started
+            for observer in self._observers:
+                observer.record(outcome)
+            _annotate_span(outcome)
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateEvent]:
         started = time.monotonic()
         if call.kind not in _PATHS:
             raise InvalidRequest("kind must be chat or completion")
-        supervisor = self._model(call.model, ModelKind.CHAT)
-        parsed = parse_body(call.body)
-        body = call.body
-        if parsed.get("model") != call.model:
-            parsed["model"] = call.model
-            body = json.dumps(parsed, separators=(",", ":"))
-        stream = parsed.get("stream", False)
-        ticket = supervisor.enter(call.priority)
-        lease: Lease | None = None
-        try:
-            async for progress in _wait(ticket, started):
-                yield progress
-            lease = ticket.lease
-            tally = _Tally()
-            ttft = 0.0
-            path = _PATHS[call.kind]
-            encoded = body.encode()
+        supervisor = self._pool.get(call.model)
+        with self._observed(RequestOutcome(call.model, call.kind, started)) as outcome:
+            self._check_kind(supervisor, ModelKind.CHAT)
+            parsed = parse_body(call.body)
+            body = call.body
+            if parsed.get("model") != call.model:
+                parsed["model"] = call.model
+                body = json.dumps(parsed, separators=(",", ":"))
+            outcome.streamed = stream = parsed.get("stream", False)
+            ticket = supervisor.enter(call.priority)
             try:
-                if stream:
-                    response = await lease.upstream.open_stream(path, encoded)
-                    lease.response = response
-                    try:
-                        if lease.abort_error is not None:
-                            raise lease.abort_error
-                        async for payloads in Upstream.iter_events(response):
-                            if not ttft:
-                                ttft = time.monotonic() - started
-                            texts = [tally.read(json.loads(p), call.kind) for p in payloads]
-                            yield Chunks([p.decode() for p in payloads], "".join(texts))
-                    finally:
-                        response.close()
-                else:
-                    payload = await lease.upstream.post(path, encoded)
-                    ttft = time.monotonic() - started
-                    text = tally.read(json.loads(payload), call.kind)
-                    yield Chunks([payload.decode()], text)
-            except (UpstreamHTTPError, UpstreamTimeout, UpstreamBroken) as error:
-                raise await _failure(error, lease, supervisor) from None
-            except ValueError:
-                raise Unavailable(
-                    "the model server sent a malformed response",
-                    reason=errors_pb2.ERROR_REASON_UPSTREAM_ERROR,
-                ) from None
-            if lease.abort_error is not None:
-                raise lease.abort_error
-            total = time.monotonic() - started
-            yield Done(
-                tally.finish_reason,
-                tally.usage_counts(),
-                Timing(
-                    queue_ms=ticket.queue_wait_sec * 1000,
-                    load_ms=ticket.load_wait_sec * 1000,
-                    ttft_ms=ttft * 1000,
-                    total_ms=total * 1000,
-                ),
-            )
-        finally:
-            ticket.close()
+                async for progress in _wait(ticket, started):
+                    yield progress
+                outcome.served = True
+                outcome.queue_wait, outcome.load_wait = ticket.queue_wait_sec, ticket.load_wait_sec
+                async for event in self._run(
+                    supervisor, ticket.lease, call.kind, body, stream, outcome
+                ):
+                    yield event
+            finally:
+                ticket.close()
+
+    async def _run(
+        self,
+        supervisor: Supervisor,
+        lease: Lease,
+        kind: str,
+        body: str,
+        stream: bool,
+        outcome: RequestOutcome,
+    ) -> AsyncIterator[GenerateEvent]:
+        tally = _Tally()
+        path = _PATHS[kind]
+        encoded = body.encode()
+        try:
+            if stream:
+                response = await lease.upstream.open_stream(path, encoded)
+                lease.response = response
+                try:
+                    if lease.abort_error is not None:
+                        raise lease.abort_error
+                    async for payloads in Upstream.iter_events(response):
+                        now = time.monotonic()
+                        if not outcome.first_output:
+                            outcome.first_output = now
+                        outcome.last_output = now
+                        texts = [tally.read(json.loads(p), kind) for p in payloads]
+                        yield Chunks([p.decode() for p in payloads], "".join(texts))
+                finally:
+                    response.close()
+            else:
+                payload = await lease.upstream.post(path, encoded)
+                outcome.first_output = outcome.last_output = time.monotonic()
+                text = tally.read(json.loads(payload), kind)
+                yield Chunks([payload.decode()], text)
+        except (UpstreamHTTPError, UpstreamTimeout, UpstreamBroken) as error:
+            raise await _failure(error, lease, supervisor) from None
+        except ValueError:
+            raise Unavailable(
+                "the model server sent a malformed response",
+                reason=errors_pb2.ERROR_REASON_UPSTREAM_ERROR,
+            ) from None
+        if lease.abort_error is not None:
+            raise lease.abort_error
+        usage = tally.usage_counts()
+        outcome.prompt_tokens, outcome.completion_tokens = (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+        if outcome.first_output:
+            outcome.ttft = outcome.first_output - outcome.started
+        yield Done(
+            tally.finish_reason,
+            usage,
+            Timing(
+                queue_ms=outcome.queue_wait * 1000,
+                load_ms=outcome.load_wait * 1000,
+                ttft_ms=outcome.ttft * 1000,
+                total_ms=(time.monotonic() - outcome.started) * 1000,
+            ),
+        )
 
     async def embed(
         self,
@@ -295,26 +351,52 @@ class Engine:
         inputs: Sequence[str] | Sequence[Sequence[int]],
         priority: Priority = Priority.NORMAL,
     ) -> EmbedResult:
-        if not inputs:
-            raise InvalidRequest("at least one input is required")
-        supervisor = self._model(model, ModelKind.EMBEDDING)
-        body = json.dumps(
-            {"model": model, "input": [list(i) if not isinstance(i, str) else i for i in inputs]},
-            separators=(",", ":"),
-        ).encode()
-        ticket = supervisor.enter(priority)
-        lease: Lease | None = None
-        try:
-            async for _ in ticket.progress():
-                pass
-            lease = ticket.lease
+        started = time.monotonic()
+        supervisor = self._pool.get(model)
+        with self._observed(RequestOutcome(model, EMBEDDINGS, started)) as outcome:
+            self._check_kind(supervisor, ModelKind.EMBEDDING)
+            if not inputs:
+                raise InvalidRequest("at least one input is required")
+            body = json.dumps(
+                {"model": model, "input": [i if isinstance(i, str) else list(i) for i in inputs]},
+                separators=(",", ":"),
+            ).encode()
+            ticket = supervisor.enter(priority)
             try:
-                payload = await lease.upstream.post("/v1/embeddings", body)
-            except (UpstreamHTTPError, UpstreamTimeout, UpstreamBroken) as error:
-                raise await _failure(error, lease, supervisor) from None
-            return _embeddings(payload, len(inputs))
-        finally:
-            ticket.close()
+                async for _ in ticket.progress():
+                    pass
+                outcome.served = True
+                outcome.queue_wait, outcome.load_wait = ticket.queue_wait_sec, ticket.load_wait_sec
+                lease = ticket.lease
+                try:
+                    payload = await lease.upstream.post("/v1/embeddings", body)
+                except (UpstreamHTTPError, UpstreamTimeout, UpstreamBroken) as error:
+                    raise await _failure(error, lease, supervisor) from None
+                result = _embeddings(payload, len(inputs))
+                outcome.prompt_tokens = result.usage.prompt_tokens
+                return result
+            finally:
+                ticket.close()
+
+
+def _annotate_span(outcome: RequestOutcome) -> None:
+    """Put the request's facts on the current (router server) span."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attributes(
+        {
+            "routermodel.model": outcome.model,
+            "routermodel.endpoint": outcome.endpoint,
+            "routermodel.queue_ms": outcome.queue_wait * 1000,
+            "routermodel.load_ms": outcome.load_wait * 1000,
+            "routermodel.ttft_ms": outcome.ttft * 1000,
+            "routermodel.tokens_in": outcome.prompt_tokens,
+            "routermodel.tokens_out": outcome.completion_tokens,
+        }
+    )
+    if outcome.reason:
+        span.set_attribute("routermodel.error_reason", outcome.reason)
 
 
 async def _wait(ticket: Ticket, started: float) -> AsyncIterator[Queued | Loading]:

@@ -12,20 +12,29 @@ import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.config import Settings
-from router.inference import Engine
+from router.inference import CHAT, COMPLETION, EMBEDDINGS, Engine
 from router.interceptors import ErrorInterceptor
 from router.pool.pool import Pool
+from router.pool.snapshot import ModelSnapshot
 from router.resources.devices import HostMemory, Inventory, SimulatedGpu, SimulatedGpus
 from router.resources.report import build_report
 from router.servicers.inference import InferenceServicer
 from router.servicers.model_control import ModelControlServicer
 from router.status import FullStatus, ServerSnapshot, ServerState, StatusHub
+from router.telemetry.metrics import RouterMetrics
+from router.telemetry.status_file import StatusFileWriter
+from router.telemetry.summary import RollingSummary
+from router.telemetry.tracing import setup_tracing
 from router.v1 import (
     inference_service_pb2,
     inference_service_pb2_grpc,
@@ -72,13 +81,27 @@ class Router:
         self.settings = settings
         self.inventory = inventory or make_inventory(settings)
         self._info = _ServerInfo(ServerState.STARTING, time.time())
+        aliases = list(settings.models)
+        self.metrics = RouterMetrics(aliases, (CHAT, COMPLETION, EMBEDDINGS))
+        self.summary = RollingSummary(aliases)
         self.hub = StatusHub(self._full_status)
-        self.pool = Pool(settings, self.hub.publish, self.inventory)
-        self.engine = Engine(self.pool)
+        status_path = settings.telemetry.model_status_path
+        self.status_file = StatusFileWriter(status_path, self._full_status) if status_path else None
+        self.pool = Pool(settings, self._publish, self.inventory, self.metrics)
+        self.metrics.watch(self.pool.snapshots, self.inventory.devices)
+        self.engine = Engine(self.pool, (self.metrics, self.summary))
         # grpc-stubs does not describe grpc_health's asyncio servicer.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
+        self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
+        self._metrics_site: web.AppRunner | None = None
+        self._tracer_provider: TracerProvider | None = None
+
+    def _publish(self, payload: ModelSnapshot | ServerSnapshot) -> None:
+        self.hub.publish(payload)
+        if self.status_file is not None:
+            self.status_file.changed()
 
     def server_snapshot(self) -> ServerSnapshot:
         return ServerSnapshot(
@@ -95,14 +118,24 @@ class Router:
 
     def _set_state(self, state: ServerState) -> None:
         self._info.state = state
-        self.hub.publish(self.server_snapshot())
+        self._publish(self.server_snapshot())
 
     async def start(self) -> int:
         """Start serving; returns the bound port (``grpc.port`` 0 picks a free one)."""
-        await self.pool.start()
+        self._tracer_provider = setup_tracing(
+            "routermodel-router", self.settings.telemetry.otlp_endpoint
+        )
+        await self.pool.start(traced=self._tracer_provider is not None)
+        if self.status_file is not None:
+            self.status_file.start()
+        interceptors: list[Any] = [ErrorInterceptor()]
+        if self._tracer_provider is not None:
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+            interceptors.insert(0, aio_server_interceptor())  # type: ignore[no-untyped-call]
         body_limit = self.settings.api.max_body_bytes + _MESSAGE_OVERHEAD
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", body_limit),
                 ("grpc.max_send_message_length", _MAX_SEND_BYTES),
@@ -120,6 +153,7 @@ class Router:
                 self.hub,
                 self.server_snapshot,
                 lambda model: build_report(self.pool, self.inventory, model),
+                self.summary.summary,
                 self.settings.system.heartbeat_sec,
             ),
             server,
@@ -135,6 +169,8 @@ class Router:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         _LOGGER.info("router serving on %s:%d", grpc_settings.host, self.port)
+        if self.settings.telemetry.metrics_port is not None:
+            await self._serve_metrics(grpc_settings.host, self.settings.telemetry.metrics_port)
         self.pool.start_preload(lambda: self._set_state(ServerState.SERVING))
         return self.port
 
@@ -147,7 +183,34 @@ class Router:
         if self._server is not None:
             await self._server.stop(self.settings.grpc.grace_sec)
         await self.pool.shutdown()
+        if self.status_file is not None:
+            await self.status_file.stop()
+        if self._metrics_site is not None:
+            await self._metrics_site.cleanup()
+        if self._tracer_provider is not None:
+            # Flush what is buffered, bounded: an unreachable collector must not hang the stop.
+            await asyncio.to_thread(self._tracer_provider.force_flush, 5000)
+            await asyncio.to_thread(self._tracer_provider.shutdown)
         _LOGGER.info("router stopped")
+
+    async def _serve_metrics(self, host: str, port: int) -> None:
+        """Prometheus text on /metrics, from the event loop (the collector reads pool state)."""
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(
+                body=generate_latest(self.metrics.registry),
+                headers={"Content-Type": CONTENT_TYPE_LATEST},
+            )
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._metrics_site = runner
+        self.metrics_port = runner.addresses[0][1]
+        _LOGGER.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

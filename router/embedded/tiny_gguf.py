@@ -111,8 +111,8 @@ class _Spec:
             raise ValueError("n_embd must split into n_head heads of even size (RoPE)")
         if self.n_head % self.n_head_kv:
             raise ValueError("n_head must be a multiple of n_head_kv")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError("seed must fit in 32 bits")
+        if self.seed < 0:
+            raise ValueError("seed must not be negative")
 
     def recipe(self) -> str:
         return json.dumps({"version": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
@@ -232,58 +232,61 @@ def _tensors(spec: _Spec, vocab: _Vocab) -> list[tuple[str, npt.NDArray[np.float
     ]
 
 
+def _add_metadata(w: gguf.GGUFWriter, spec: _Spec, vocab: _Vocab) -> None:
+    w.add_name(f"routermodel-tiny-{spec.variant}")
+    w.add_string(RECIPE_KEY, spec.recipe())
+    w.add_file_type(
+        gguf.LlamaFileType.MOSTLY_F16 if spec.dtype == "f16" else gguf.LlamaFileType.ALL_F32
+    )
+    w.add_context_length(spec.ctx)
+    w.add_embedding_length(spec.n_embd)
+    w.add_block_count(spec.n_layer)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_rope_dimension_count(spec.n_embd // spec.n_head)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(vocab.tokens))
+    if spec.variant == "embed":
+        w.add_pooling_type(gguf.PoolingType.MEAN)
+
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_unk_token_id(UNK_ID)
+    w.add_eot_token_id(IM_END_ID)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+
 def _write(path: Path, spec: _Spec) -> None:
     vocab = _build_vocab()
     tensors = _tensors(spec, vocab)
-    head_dim = spec.n_embd // spec.n_head
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique name per writer lets racing processes each finish their own copy; the writer's own
     # open() keeps the usual umask-based permissions, unlike mkstemp's 0600.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        w = gguf.GGUFWriter(tmp, "llama")
-        w.add_name(f"routermodel-tiny-{spec.variant}")
-        w.add_string(RECIPE_KEY, spec.recipe())
-        w.add_file_type(
-            gguf.LlamaFileType.MOSTLY_F16 if spec.dtype == "f16" else gguf.LlamaFileType.ALL_F32
-        )
-        w.add_context_length(spec.ctx)
-        w.add_embedding_length(spec.n_embd)
-        w.add_block_count(spec.n_layer)
-        w.add_feed_forward_length(spec.n_ff)
-        w.add_head_count(spec.n_head)
-        w.add_head_count_kv(spec.n_head_kv)
-        w.add_rope_dimension_count(head_dim)
-        w.add_rope_freq_base(10000.0)
-        w.add_layer_norm_rms_eps(1e-5)
-        w.add_vocab_size(len(vocab.tokens))
-        if spec.variant == "embed":
-            w.add_pooling_type(gguf.PoolingType.MEAN)
-
-        w.add_tokenizer_model("llama")
-        w.add_token_list(vocab.tokens)
-        w.add_token_scores(vocab.scores)
-        w.add_token_types(vocab.types)
-        w.add_bos_token_id(BOS_ID)
-        w.add_eos_token_id(EOS_ID)
-        w.add_unk_token_id(UNK_ID)
-        w.add_eot_token_id(IM_END_ID)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
-        w.add_add_space_prefix(True)
-        w.add_chat_template(CHATML_TEMPLATE)
-
-        for name, array in tensors:
-            if spec.dtype == "f16" and array.ndim == 2:
-                w.add_tensor(name, array.astype(np.float16))
-            else:
-                w.add_tensor(name, array)
-
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        writer = gguf.GGUFWriter(tmp, "llama")
+        try:
+            _add_metadata(writer, spec, vocab)
+            for name, array in tensors:
+                if spec.dtype == "f16" and array.ndim == 2:
+                    writer.add_tensor(name, array.astype(np.float16))
+                else:
+                    writer.add_tensor(name, array)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -320,7 +323,7 @@ def read_recipe(path: Path) -> str | None:
     """The recipe stored in a file written by this module, or None for any other file."""
     try:
         field = gguf.GGUFReader(path).fields.get(RECIPE_KEY)
-    except (OSError, ValueError):
+    except Exception:  # a truncated or foreign file fails in many ways; none of them is ours
         return None
     return None if field is None else str(field.contents())
 

@@ -27,7 +27,7 @@ from router.pool.health import LivenessMonitor
 from router.pool.registry import ChildRegistry
 from router.pool.snapshot import LoadStage, ModelKind, ModelSnapshot
 from router.pool.state import ModelState
-from router.pool.supervisor import PoolContext, Supervisor, SupervisorSettings
+from router.pool.supervisor import ModelEvents, PoolContext, Supervisor, SupervisorSettings
 from router.resources.devices import Inventory
 from router.scheduler.policy import (
     Admit,
@@ -83,7 +83,9 @@ class Pool:
         settings: Settings,
         publish: Callable[[ModelSnapshot], None],
         inventory: Inventory,
+        events: ModelEvents,
     ) -> None:
+        self._events = events
         self.settings = settings
         self._publish = publish
         self.inventory = inventory
@@ -105,15 +107,21 @@ class Pool:
 
     # ---- lifecycle -----------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, traced: bool = False) -> None:
         await asyncio.to_thread(self._registry.acquire)
         leftovers = await asyncio.to_thread(self._registry.reap_leftovers)
         if leftovers:
             _LOGGER.warning("stopped %d leftover children of an earlier run", len(leftovers))
         system = self.settings.system
+        trace_configs = []
+        if traced:  # one span per upstream HTTP call, child of the router's server span
+            from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+
+            trace_configs.append(create_trace_config())
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=system.http_max_connections),
             auto_decompress=False,
+            trace_configs=trace_configs,
         )
         setpriv = shutil.which("setpriv")
         if setpriv is None:
@@ -127,6 +135,7 @@ class Pool:
             log_ring_lines=system.log_ring_lines,
             on_suspect=self.liveness.suspect,
             measure_memory=self.inventory.process_memory_mib,
+            events=self._events,
         )
         device_ids = tuple(d.id for d in self.inventory.devices())
         for alias, model in self.settings.models.items():

@@ -90,6 +90,20 @@ class Admission(Protocol):
     def notify(self) -> None: ...
 
 
+class ModelEvents(Protocol):
+    """Lifecycle events of a model, for metrics (RouterMetrics implements this)."""
+
+    def on_transition(self, alias: str, old: ModelState, new: ModelState) -> None: ...
+
+    def on_loaded(self, alias: str, seconds: float, restart: bool) -> None: ...
+
+    def on_evicted(self, alias: str) -> None: ...
+
+    def on_idle_unload(self, alias: str) -> None: ...
+
+    def on_crash(self, alias: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PoolContext:
     """Shared resources every supervisor uses."""
@@ -102,6 +116,7 @@ class PoolContext:
     log_ring_lines: int
     on_suspect: Callable[[Supervisor], None]
     measure_memory: Callable[[int], int | None]
+    events: ModelEvents
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
 
@@ -342,6 +357,7 @@ class Supervisor:
     def _transition(self, target: ModelState) -> None:
         check_transition(self.state, target)
         _LOGGER.info("%s: %s -> %s", self.alias, self.state.value, target.value)
+        self._ctx.events.on_transition(self.alias, self.state, target)
         self.state = target
         self._state_since = time.time()
         if target is not S.STARTING and target is not S.LOADING:
@@ -574,6 +590,7 @@ class Supervisor:
             self._load_seconds = time.monotonic() - started
             if self._starts:
                 self.restarts += 1
+            self._ctx.events.on_loaded(self.alias, self._load_seconds, restart=self._starts > 0)
             self._starts += 1
             self.consecutive_failures = 0
             self.last_error = ""
@@ -665,6 +682,7 @@ class Supervisor:
         returncode = child.exited.result()
         failure = classify_exit(returncode, self.log.tail(40))
         _LOGGER.error("%s: child crashed: %s", self.alias, failure.summary)
+        self._ctx.events.on_crash(self.alias)
         crash = Unavailable(
             f"model '{self.alias}' stopped unexpectedly: {failure.summary}",
             reason=errors_pb2.ERROR_REASON_MODEL_CRASHED,
@@ -708,13 +726,18 @@ class Supervisor:
         )
         return True
 
-    async def evict(self) -> bool:
-        """Stop for room if still idle (re-checked: a request may have arrived)."""
+    async def evict(self, *, idle: bool = False) -> bool:
+        """Stop for room (or after the idle TTL) if still idle: a request may have arrived."""
         if self.state is not S.READY or self.queue.running > 0 or self.settings.pinned:
             return False
         if self.busy:
             return False
-        _LOGGER.info("%s: evicting to make room", self.alias)
+        if idle:
+            _LOGGER.info("%s: idle for %g s, unloading", self.alias, self.settings.ttl_sec or 0)
+            self._ctx.events.on_idle_unload(self.alias)
+        else:
+            _LOGGER.info("%s: evicting to make room", self.alias)
+            self._ctx.events.on_evicted(self.alias)
         await self._stop(drain=0.0, error=None)
         return True
 
@@ -812,8 +835,7 @@ class Supervisor:
     def _idle_expired(self) -> None:
         self._idle_timer = None
         if self.state is S.READY and not self.busy:
-            _LOGGER.info("%s: idle for %g s, unloading", self.alias, self.settings.ttl_sec or 0)
-            asyncio.get_running_loop().create_task(self.evict())
+            asyncio.get_running_loop().create_task(self.evict(idle=True))
 
 
 def device_env(device: str) -> dict[str, str]:

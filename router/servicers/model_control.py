@@ -20,6 +20,7 @@ from router.servicers.convert import (
     timestamp,
 )
 from router.status import ServerSnapshot, StatusHub
+from router.telemetry.summary import Stats, Summary
 from router.v1 import model_control_service_pb2 as mpb
 from router.v1 import model_control_service_pb2_grpc, model_pb2
 
@@ -41,8 +42,10 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
         hub: StatusHub,
         server: Callable[[], ServerSnapshot],
         resources: Callable[[str], ResourceReport],
+        summary: Callable[[], Summary],
         heartbeat_sec: float,
     ) -> None:
+        self._summary = summary
         self._pool = pool
         self._hub = hub
         self._server = server
@@ -203,6 +206,16 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
                 health.last_check.CopyFrom(stamp)
         return response
 
+    async def GetTelemetrySummary(
+        self, request: mpb.GetTelemetrySummaryRequest, context: Context
+    ) -> mpb.GetTelemetrySummaryResponse:
+        summary = self._summary()
+        return mpb.GetTelemetrySummaryResponse(
+            window_sec=summary.window_sec,
+            total=_stats_to_pb(summary.total),
+            per_model={alias: _stats_to_pb(s) for alias, s in summary.per_model.items()},
+        )
+
     async def GetModelLogs(
         self, request: mpb.GetModelLogsRequest, context: Context
     ) -> mpb.GetModelLogsResponse:
@@ -214,3 +227,20 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
 
     def _model(self, alias: str) -> model_pb2.Model:
         return model_to_pb(self._pool.get(alias).snapshot())
+
+
+def _stats_to_pb(stats: Stats) -> mpb.TelemetryStats:
+    return mpb.TelemetryStats(
+        requests=stats.requests,
+        errors_4xx=stats.errors_4xx,
+        errors_5xx=stats.errors_5xx,
+        cancelled=stats.cancelled,
+        error_rate=stats.error_rate,
+        latency_p50_ms=stats.latency_p50_ms,
+        latency_p95_ms=stats.latency_p95_ms,
+        ttft_p50_ms=stats.ttft_p50_ms,
+        ttft_p95_ms=stats.ttft_p95_ms,
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        tokens_per_second=stats.tokens_per_second,
+    )

@@ -1044,3 +1044,141 @@ class GetModelLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelLogsResponse: _TypeAlias = GetModelLogsResponse  # noqa: Y015
+
+@_typing.final
+class GetTelemetrySummaryRequest(_message.Message):
+    """GetTelemetrySummaryRequest asks for the rolling-window summary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTelemetrySummaryRequest: _TypeAlias = GetTelemetrySummaryRequest  # noqa: Y015
+
+@_typing.final
+class GetTelemetrySummaryResponse(_message.Message):
+    """GetTelemetrySummaryResponse is the rolling-window summary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PerModelEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___TelemetryStats: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___TelemetryStats | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    WINDOW_SEC_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    PER_MODEL_FIELD_NUMBER: _builtins.int
+    window_sec: _builtins.float
+    """window_sec is the length of the window the figures cover."""
+    @_builtins.property
+    def total(self) -> Global___TelemetryStats:
+        """total adds up every model."""
+
+    @_builtins.property
+    def per_model(self) -> _containers.MessageMap[_builtins.str, Global___TelemetryStats]:
+        """per_model maps an alias to its figures."""
+
+    def __init__(
+        self,
+        *,
+        window_sec: _builtins.float = ...,
+        total: Global___TelemetryStats | None = ...,
+        per_model: _abc.Mapping[_builtins.str, Global___TelemetryStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["per_model", b"per_model", "total", b"total", "window_sec", b"window_sec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTelemetrySummaryResponse: _TypeAlias = GetTelemetrySummaryResponse  # noqa: Y015
+
+@_typing.final
+class TelemetryStats(_message.Message):
+    """TelemetryStats are the figures of a set of requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_4XX_FIELD_NUMBER: _builtins.int
+    ERRORS_5XX_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
+    TTFT_P50_MS_FIELD_NUMBER: _builtins.int
+    TTFT_P95_MS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """requests counts finished requests (successful or not)."""
+    errors_4xx: _builtins.int
+    """errors_4xx counts requests refused for the caller's reasons (bad input, full queue...)."""
+    errors_5xx: _builtins.int
+    """errors_5xx counts requests failed for the server's reasons (load failure, crash, timeout)."""
+    cancelled: _builtins.int
+    """cancelled counts requests the caller abandoned."""
+    error_rate: _builtins.float
+    """error_rate is (errors_4xx + errors_5xx) / requests, 0 to 1."""
+    latency_p50_ms: _builtins.float
+    """latency_p50_ms is the median request duration."""
+    latency_p95_ms: _builtins.float
+    """latency_p95_ms is the 95th percentile of request durations."""
+    ttft_p50_ms: _builtins.float
+    """ttft_p50_ms is the median time to first token."""
+    ttft_p95_ms: _builtins.float
+    """ttft_p95_ms is the 95th percentile of time to first token."""
+    prompt_tokens: _builtins.int
+    """prompt_tokens counts prompt tokens."""
+    completion_tokens: _builtins.int
+    """completion_tokens counts generated tokens."""
+    tokens_per_second: _builtins.float
+    """tokens_per_second is completion_tokens over the window."""
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        errors_4xx: _builtins.int = ...,
+        errors_5xx: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        error_rate: _builtins.float = ...,
+        latency_p50_ms: _builtins.float = ...,
+        latency_p95_ms: _builtins.float = ...,
+        ttft_p50_ms: _builtins.float = ...,
+        ttft_p95_ms: _builtins.float = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        tokens_per_second: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completion_tokens", b"completion_tokens", "error_rate", b"error_rate", "errors_4xx", b"errors_4xx", "errors_5xx", b"errors_5xx", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "tokens_per_second", b"tokens_per_second", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p95_ms", b"ttft_p95_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TelemetryStats: _TypeAlias = TelemetryStats  # noqa: Y015

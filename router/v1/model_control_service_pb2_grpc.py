@@ -86,6 +86,11 @@ class ModelControlServiceStub:
                 request_serializer=router_dot_v1_dot_model__control__service__pb2.GetModelHealthRequest.SerializeToString,
                 response_deserializer=router_dot_v1_dot_model__control__service__pb2.GetModelHealthResponse.FromString,
                 _registered_method=True)
+        self.GetTelemetrySummary = channel.unary_unary(
+                '/router.v1.ModelControlService/GetTelemetrySummary',
+                request_serializer=router_dot_v1_dot_model__control__service__pb2.GetTelemetrySummaryRequest.SerializeToString,
+                response_deserializer=router_dot_v1_dot_model__control__service__pb2.GetTelemetrySummaryResponse.FromString,
+                _registered_method=True)
         self.GetModelLogs = channel.unary_unary(
                 '/router.v1.ModelControlService/GetModelLogs',
                 request_serializer=router_dot_v1_dot_model__control__service__pb2.GetModelLogsRequest.SerializeToString,
@@ -172,6 +177,14 @@ class ModelControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTelemetrySummary(self, request, context):
+        """GetTelemetrySummary returns request counts, latency percentiles and token
+        rates over a rolling window, in total and per model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelLogs(self, request, context):
         """GetModelLogs returns the last lines a model's child wrote (admin only).
         """
@@ -231,6 +244,11 @@ def add_ModelControlServiceServicer_to_server(servicer, server):
                     servicer.GetModelHealth,
                     request_deserializer=router_dot_v1_dot_model__control__service__pb2.GetModelHealthRequest.FromString,
                     response_serializer=router_dot_v1_dot_model__control__service__pb2.GetModelHealthResponse.SerializeToString,
+            ),
+            'GetTelemetrySummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTelemetrySummary,
+                    request_deserializer=router_dot_v1_dot_model__control__service__pb2.GetTelemetrySummaryRequest.FromString,
+                    response_serializer=router_dot_v1_dot_model__control__service__pb2.GetTelemetrySummaryResponse.SerializeToString,
             ),
             'GetModelLogs': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelLogs,
@@ -510,6 +528,33 @@ class ModelControlService:
             '/router.v1.ModelControlService/GetModelHealth',
             router_dot_v1_dot_model__control__service__pb2.GetModelHealthRequest.SerializeToString,
             router_dot_v1_dot_model__control__service__pb2.GetModelHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTelemetrySummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/router.v1.ModelControlService/GetTelemetrySummary',
+            router_dot_v1_dot_model__control__service__pb2.GetTelemetrySummaryRequest.SerializeToString,
+            router_dot_v1_dot_model__control__service__pb2.GetTelemetrySummaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

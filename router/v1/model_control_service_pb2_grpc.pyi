@@ -62,6 +62,10 @@ class ModelControlServiceStub:
     """GetResources returns device memory, per-model memory and what could still be loaded."""
     GetModelHealth: _grpc.UnaryUnaryMultiCallable[_model_control_service_pb2.GetModelHealthRequest, _model_control_service_pb2.GetModelHealthResponse]
     """GetModelHealth returns the liveness history of each model."""
+    GetTelemetrySummary: _grpc.UnaryUnaryMultiCallable[_model_control_service_pb2.GetTelemetrySummaryRequest, _model_control_service_pb2.GetTelemetrySummaryResponse]
+    """GetTelemetrySummary returns request counts, latency percentiles and token
+    rates over a rolling window, in total and per model.
+    """
     GetModelLogs: _grpc.UnaryUnaryMultiCallable[_model_control_service_pb2.GetModelLogsRequest, _model_control_service_pb2.GetModelLogsResponse]
     """GetModelLogs returns the last lines a model's child wrote (admin only)."""
 
@@ -99,6 +103,10 @@ class ModelControlServiceAsyncStub(ModelControlServiceStub):
     """GetResources returns device memory, per-model memory and what could still be loaded."""
     GetModelHealth: _aio.UnaryUnaryMultiCallable[_model_control_service_pb2.GetModelHealthRequest, _model_control_service_pb2.GetModelHealthResponse]  # type: ignore[assignment]
     """GetModelHealth returns the liveness history of each model."""
+    GetTelemetrySummary: _aio.UnaryUnaryMultiCallable[_model_control_service_pb2.GetTelemetrySummaryRequest, _model_control_service_pb2.GetTelemetrySummaryResponse]  # type: ignore[assignment]
+    """GetTelemetrySummary returns request counts, latency percentiles and token
+    rates over a rolling window, in total and per model.
+    """
     GetModelLogs: _aio.UnaryUnaryMultiCallable[_model_control_service_pb2.GetModelLogsRequest, _model_control_service_pb2.GetModelLogsResponse]  # type: ignore[assignment]
     """GetModelLogs returns the last lines a model's child wrote (admin only)."""
 
@@ -193,6 +201,16 @@ class ModelControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_control_service_pb2.GetModelHealthResponse, _abc.Awaitable[_model_control_service_pb2.GetModelHealthResponse]]:
         """GetModelHealth returns the liveness history of each model."""
+
+    @_abc_1.abstractmethod
+    def GetTelemetrySummary(
+        self,
+        request: _model_control_service_pb2.GetTelemetrySummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_control_service_pb2.GetTelemetrySummaryResponse, _abc.Awaitable[_model_control_service_pb2.GetTelemetrySummaryResponse]]:
+        """GetTelemetrySummary returns request counts, latency percentiles and token
+        rates over a rolling window, in total and per model.
+        """
 
     @_abc_1.abstractmethod
     def GetModelLogs(

@@ -1,0 +1,100 @@
+"""``model_status.json``, the seed's status file, kept current off the event loop.
+
+Every change marks the file dirty; one background task writes the latest
+state atomically (temporary file + rename) in a worker thread, so a burst of
+changes costs one write and the event loop never blocks on disk (seed defect W18).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from router.pool.snapshot import ModelSnapshot
+from router.status import FullStatus
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _iso(seconds: float) -> str | None:
+    if not seconds:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+
+
+def _model(snapshot: ModelSnapshot) -> dict[str, Any]:
+    return {
+        "alias": snapshot.alias,
+        "status": snapshot.state.value,
+        "port": snapshot.port or None,
+        "started_at": _iso(snapshot.state_since) if snapshot.pid else None,
+        "last_used_at": _iso(snapshot.last_used_at),
+        "load_stage": snapshot.load_stage.value,
+        "error_message": snapshot.last_error or None,
+        "vram_used_mb": snapshot.memory_measured_mib or snapshot.memory_estimate_mib or None,
+        "in_flight": snapshot.in_flight,
+        "queued": snapshot.queued,
+        "updated_at": _iso(snapshot.state_since),
+    }
+
+
+def render(status: FullStatus) -> dict[str, Any]:
+    """The seed's file shape: {server: {...}, models: {alias: {...}}}."""
+    server = status.server
+    return {
+        "server": {
+            "status": server.state.value,
+            "started_at": _iso(server.started_at),
+            "updated_at": _iso(server.updated_at),
+        },
+        "models": {m.alias: _model(m) for m in status.models},
+    }
+
+
+def write_atomic(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(document, indent=2))
+    os.replace(temporary, path)
+
+
+class StatusFileWriter:
+    def __init__(self, path: Path, full_status: Callable[[], FullStatus]) -> None:
+        self.path = path
+        self._full_status = full_status
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.writes = 0
+
+    def start(self) -> None:
+        self._dirty.set()
+        self._task = asyncio.create_task(self._run(), name="status-file")
+
+    def changed(self) -> None:
+        self._dirty.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            document = render(self._full_status())
+            try:
+                await asyncio.to_thread(write_atomic, self.path, document)
+                self.writes += 1
+            except OSError as error:
+                _LOGGER.warning("cannot write %s: %s", self.path, error)
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        """Write the final state once more, then stop."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.to_thread(write_atomic, self.path, render(self._full_status()))

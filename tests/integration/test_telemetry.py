@@ -1,0 +1,228 @@
+"""Router telemetry: every metric fed, bounded labels, promtool, summary, status file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients import Chunk, GenerateEvent, ModelNotFoundError, RateLimitError, RouterClient
+from clients.errors import UnavailableError, WrongModelKindError
+from router.server import Router
+from router.v1 import model_control_service_pb2 as mpb
+from tests.helpers import chat_model, embed_model, running_router, settings_for, wait_until
+
+PROMPT = {"messages": [{"role": "user", "content": "hello world"}], "temperature": 0}
+PROMTOOL = str(Path(sys.executable).parent / "promtool")
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(router: Router) -> str:
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{router.metrics_port}/metrics"
+        async with session.get(url) as response:
+            assert response.status == 200
+            return await response.text()
+
+
+def samples(text: str) -> Samples:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def run(client: RouterClient, model: str, **body: Any) -> list[GenerateEvent]:
+    return [e async for e in client.generate(model, {**PROMPT, **body})]
+
+
+def telemetry_models(tiny_chat: Path, tiny_embed: Path) -> dict[str, Any]:
+    return {
+        "chat": chat_model(tiny_chat, n_ctx=65536, parallel_override=1),
+        "spare": chat_model(tiny_chat),
+        "brief": {**chat_model(tiny_chat), "ttl_sec": 0.2},
+        "embed": embed_model(tiny_embed),
+    }
+
+
+async def drive_traffic(router: Router, client: RouterClient) -> list[Samples]:
+    """Exercise every path that feeds a metric; return scrapes taken along the way."""
+    scrapes = [samples(await scrape(router))]
+    await run(client, "chat", max_tokens=32, stream=True)
+    await run(client, "chat", max_tokens=8)
+    completion = {"prompt": "hello world", "max_tokens": 8}
+    [_ async for _ in client.generate("chat", completion, kind="completion")]
+    await client.embed("embed", ["hello world", "the cat"])
+    with pytest.raises(WrongModelKindError):
+        await run(client, "embed", max_tokens=2)
+    # A long generation holds the only slot; one waits; the next is refused.
+    long = asyncio.create_task(run(client, "chat", max_tokens=60000, stream=True))
+    supervisor = router.pool.get("chat")
+    await wait_until(lambda: supervisor.in_flight == 1, 5)
+    waiting = asyncio.create_task(run(client, "chat", max_tokens=2))
+    await wait_until(lambda: supervisor.queue.waiting == 1, 5)
+    scrapes.append(samples(await scrape(router)))  # in flight and queued right now
+    with pytest.raises(RateLimitError):
+        await run(client, "chat", max_tokens=2)
+    # Kill the child under the running request: a crash, then a restart for the waiter.
+    assert supervisor.child is not None
+    os.kill(supervisor.child.pid, signal.SIGKILL)
+    with pytest.raises(UnavailableError):
+        await long
+    await waiting
+    # Three chat models with room for two: the least recently used one is evicted.
+    await run(client, "brief", max_tokens=2)
+    await wait_until(lambda: router.pool.get("brief").state.value == "stopped", 5)  # idle TTL
+    await run(client, "spare", max_tokens=2)
+    await run(client, "brief", max_tokens=2)
+    scrapes.append(samples(await scrape(router)))
+    return scrapes
+
+
+async def test_every_metric_family_is_fed(
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        telemetry_models(tiny_chat, tiny_embed),
+        system={"max_concurrent_models": 3, "max_queue_size_per_model": 1},
+        telemetry={"metrics_port": 0},
+    )
+    async with running_router(settings) as (router, client):
+        scrapes = await drive_traffic(router, client)
+        text = await scrape(router)
+    first, last = scrapes[0], scrapes[-1]
+    moved = {name for (name, _), value in last.items() if value != first.get((name, _), 0.0)}
+    nonzero = {name for scrape in scrapes for (name, _), value in scrape.items() if value}
+    families = {family.name for family in text_string_to_metric_families(text)}
+    dead = []
+    for family in sorted(families):
+        names = {n for (n, _) in last if n == family or n.startswith(family + "_")}
+        if not names & (moved | nonzero):
+            dead.append(family)
+    assert dead == [], f"metric families never fed: {dead}"
+    assert (
+        last[("routermodel_rejections_total", (("model", "chat"), ("reason", "queue_full")))] == 1
+    )
+    assert last[("routermodel_model_crashes_total", (("model", "chat"),))] == 1
+    assert last[("routermodel_model_restarts_total", (("model", "chat"),))] == 1
+    assert last[("routermodel_model_idle_unloads_total", (("model", "brief"),))] == 1
+    # The embedding model was the least recently used of the three loaded.
+    assert last[("routermodel_model_evictions_total", (("model", "embed"),))] == 1
+    assert last[("routermodel_model_state", (("model", "embed"), ("state", "stopped")))] == 1
+    assert last[("routermodel_model_state", (("model", "brief"), ("state", "ready")))] == 1
+    in_flight = ("routermodel_in_flight_requests", (("model", "chat"),))
+    assert scrapes[1][in_flight] == 1
+    assert scrapes[1][("routermodel_queued_requests", (("model", "chat"),))] == 1
+
+
+async def test_exposition_passes_promtool(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(
+        tmp_path, {"chat": chat_model(tiny_chat)}, telemetry={"metrics_port": 0}
+    )
+    async with running_router(settings) as (router, client):
+        await run(client, "chat", max_tokens=8, stream=True)
+        text = await scrape(router)
+    assert promtool_check(text) == ""
+
+
+def promtool_check(text: str) -> str:
+    """Problems promtool finds in an exposition ("" when none)."""
+    result = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    return "" if result.returncode == 0 else result.stdout + result.stderr
+
+
+async def test_unknown_alias_adds_no_series_and_no_queue(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(
+        tmp_path, {"chat": chat_model(tiny_chat)}, telemetry={"metrics_port": 0}
+    )
+    async with running_router(settings) as (router, client):
+        before = await scrape(router)
+        for _ in range(3):
+            with pytest.raises(ModelNotFoundError):
+                await run(client, "not-a-model", max_tokens=2)
+            with pytest.raises(ModelNotFoundError):
+                await client.embed("nope", ["x"])
+        after = await scrape(router)
+        stats = await client.control.GetQueueStats(mpb.GetQueueStatsRequest())
+    assert "not-a-model" not in after and "nope" not in after
+    assert set(samples(after)) == set(samples(before))
+    assert set(stats.per_model) == {"chat"}
+
+
+async def test_scrapes_never_load_or_keep_a_model_awake(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(
+        tmp_path, {"chat": {**chat_model(tiny_chat), "ttl_sec": 0.3}}, telemetry={"metrics_port": 0}
+    )
+    async with running_router(settings) as (router, client):
+        await scrape(router)
+        assert router.pool.get("chat").state.value == "stopped"
+        await run(client, "chat", max_tokens=2)
+        for _ in range(8):  # scraping throughout the TTL
+            await scrape(router)
+            await asyncio.sleep(0.05)
+        await wait_until(lambda: router.pool.get("chat").state.value == "stopped", 2)
+
+
+async def test_summary_counts_numbers_and_errors(
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path
+) -> None:
+    settings = settings_for(
+        tmp_path, {"chat": chat_model(tiny_chat), "embed": embed_model(tiny_embed)}
+    )
+    async with running_router(settings) as (_, client):
+        for _ in range(3):
+            await run(client, "chat", max_tokens=16, stream=True)
+        with pytest.raises(WrongModelKindError):
+            await run(client, "embed", max_tokens=2)
+        summary = await client.control.GetTelemetrySummary(mpb.GetTelemetrySummaryRequest())
+    chat, embed, total = summary.per_model["chat"], summary.per_model["embed"], summary.total
+    assert chat.requests == 3 and chat.completion_tokens == 48
+    assert 0 < chat.ttft_p50_ms <= chat.latency_p50_ms <= chat.latency_p95_ms
+    assert chat.tokens_per_second > 0
+    assert embed.requests == 1 and embed.errors_4xx == 1 and embed.error_rate == 1.0
+    assert total.requests == 4 and total.errors_4xx == 1 and total.error_rate == 0.25
+
+
+async def test_status_file_follows_every_change(tmp_path: Path, tiny_chat: Path) -> None:
+    path = tmp_path / "status" / "model_status.json"
+    settings = settings_for(
+        tmp_path, {"chat": chat_model(tiny_chat)}, telemetry={"model_status_path": str(path)}
+    )
+
+    def status() -> dict[str, Any]:
+        return dict(json.loads(path.read_text()))
+
+    async with running_router(settings) as (_, client):
+        await wait_until(lambda: path.exists(), 2)
+        assert status()["models"]["chat"]["status"] == "stopped"
+        await client.load("chat")
+        await wait_until(lambda: status()["models"]["chat"]["status"] == "ready", 2)
+        assert status()["models"]["chat"]["port"]
+        await client.unload("chat")
+        await wait_until(lambda: status()["models"]["chat"]["status"] == "stopped", 2)
+    assert status()["server"]["status"] == "shutting_down"
+    assert not list(path.parent.glob(".*.tmp"))  # written by rename, nothing left behind
+
+
+async def test_chunks_count_as_output_for_ttft(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat)})
+    async with running_router(settings) as (_, client):
+        events = await run(client, "chat", max_tokens=8, stream=True)
+    chunks = [e for e in events if isinstance(e, Chunk)]
+    end = events[-1]
+    assert chunks and end.timing.ttft_ms > 0  # type: ignore[union-attr]
+    assert end.timing.ttft_ms <= end.timing.total_ms  # type: ignore[union-attr]
