@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 import aiohttp
 
 _LOGGER = logging.getLogger(__name__)
+# Probes close their connection: an idle pooled socket per child would only sit there.
+CLOSE = {"Connection": "close"}
 
 
 class LogRing:
@@ -165,7 +167,9 @@ class ChildProcess:
     @staticmethod
     async def _probe(session: aiohttp.ClientSession, url: str) -> int | None:
         try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=1.0)) as response:
+            async with session.get(
+                url, headers=CLOSE, timeout=aiohttp.ClientTimeout(total=1.0)
+            ) as response:
                 return response.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return None

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
+from router.pool.process import CLOSE
+
 
 class UpstreamHTTPError(Exception):
     """The child answered with a non-200 status (or an error event mid-stream)."""
@@ -128,7 +130,9 @@ class Upstream:
     async def healthy(self, timeout: float) -> bool:
         try:
             async with self._session.get(
-                self._base + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
+                self._base + "/health",
+                headers=CLOSE,
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
                 return response.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):

@@ -239,6 +239,13 @@ class FakeRouter(
         scripted = await self._unary("GetModelHealth", request, context, response_type)
         return response_type() if scripted is None else scripted
 
+    async def GetTelemetrySummary(
+        self, request: model_control_service_pb2.GetTelemetrySummaryRequest, context: _Context
+    ) -> model_control_service_pb2.GetTelemetrySummaryResponse:
+        response_type = model_control_service_pb2.GetTelemetrySummaryResponse
+        scripted = await self._unary("GetTelemetrySummary", request, context, response_type)
+        return response_type() if scripted is None else scripted
+
     async def GetModelLogs(
         self, request: model_control_service_pb2.GetModelLogsRequest, context: _Context
     ) -> model_control_service_pb2.GetModelLogsResponse:

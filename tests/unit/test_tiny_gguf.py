@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +120,13 @@ def test_recipe_records_every_argument_with_defaults(tmp_path: Path) -> None:
     assert RECIPE_KEY in gguf.GGUFReader(path).fields
 
 
-def test_read_recipe_of_missing_or_foreign_file_is_none(tmp_path: Path) -> None:
-    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+def test_read_recipe_of_missing_foreign_or_truncated_file_is_none(tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "whole.gguf")
+    whole = (tmp_path / "whole.gguf").read_bytes()
     assert read_recipe(tmp_path / "missing.gguf") is None
-    assert read_recipe(tmp_path / "junk.gguf") is None
+    for index, data in enumerate([b"not a gguf at all", whole[:4], whole[:24], whole[:1000]]):
+        (tmp_path / f"bad{index}.gguf").write_bytes(data)
+        assert read_recipe(tmp_path / f"bad{index}.gguf") is None
 
 
 def test_cli_writes_the_same_file_as_the_function(tmp_path: Path) -> None:
@@ -166,3 +170,12 @@ def test_demo_dir_follows_routermodel_cache_dir_then_xdg(
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert demo.default_demo_dir() == tmp_path / "home" / ".cache" / "routermodel" / "demo-models"
+
+
+def test_racing_writers_leave_one_complete_file(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: demo.ensure_model(tmp_path, "m", n_layer=1), range(4)))
+    write_tiny_gguf(tmp_path / "reference.gguf", n_layer=1)
+    assert set(paths) == {tmp_path / "m.gguf"}
+    assert sha256(tmp_path / "m.gguf") == sha256(tmp_path / "reference.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "reference.gguf"]
