@@ -233,6 +233,42 @@ class _ConfigModel(BaseModel):
 # Sections
 
 
+class TlsFiles(_ConfigModel):
+    """PEM files for a TLS listener, and for the clients connecting to it.
+
+    ``cert_file``/``key_file`` serve the listener. ``client_ca_file`` makes the
+    listener require client certificates signed by that CA (mTLS). Clients (the
+    facade) verify the server with ``ca_file`` (default: ``cert_file`` itself, for a
+    self-signed certificate) and present ``client_cert_file``/``client_key_file``
+    when the listener asks for one. Paths are relative to the config file's folder.
+    """
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    @field_validator(
+        "cert_file", "key_file", "client_ca_file", "ca_file", "client_cert_file", "client_key_file"
+    )
+    @classmethod
+    def _readable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _absolute(value, _context(info).base_dir)
+        if not path.is_file():
+            raise ValueError(f"must be a readable file ({path} is not)")
+        return path
+
+    @model_validator(mode="after")
+    def _client_pair(self) -> TlsFiles:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("set both client_cert_file and client_key_file, or neither")
+        return self
+
+
 class ApiConfig(_ConfigModel):
     """The facade's HTTP listener (seed section ``api``).
 
@@ -243,6 +279,7 @@ class ApiConfig(_ConfigModel):
     port: Int = Field(8000, ge=1024, le=65535)
     cors_origins: list[str] = Field(default_factory=list)
     max_body_bytes: Int = Field(8 * _MIB, ge=_KIB, le=256 * _MIB)
+    tls: TlsFiles | None = None  # HTTPS for the facade (client_* keys unused here)
 
 
 class GrpcConfig(_ConfigModel):
@@ -251,6 +288,7 @@ class GrpcConfig(_ConfigModel):
     host: str = Field("127.0.0.1", min_length=1)
     port: Int = Field(50051, ge=0, le=65535)  # 0 = an ephemeral port chosen by the OS
     grace_sec: Float = Field(10.0, ge=0, le=300)  # in-flight RPC drain on graceful stop
+    tls: TlsFiles | None = None  # TLS (or mTLS) for the router's port and the facade's channel
 
 
 class SimulatedGpu(_ConfigModel):
@@ -317,6 +355,8 @@ class SystemConfig(_ConfigModel):
     log_ring_lines: Int = Field(2000, ge=100, le=100000)
     memory_budget_mib: Int | None = Field(None, gt=0)
     simulated_gpus: list[SimulatedGpu] | None = Field(None, min_length=1)
+    max_embedding_inputs: Int = Field(2048, ge=1, le=100_000)
+    max_messages: Int = Field(4096, ge=1, le=100_000)
 
     @field_validator("llama_server_path", "base_models_path", mode="before")
     @classmethod
@@ -543,6 +583,8 @@ class ApiKey(_ConfigModel):
     models: list[str] | None = None  # None = every model
     allow_high_priority: bool = False
     name: str | None = None
+    requests_per_minute: Int | None = Field(None, ge=1)  # token bucket; None = unlimited
+    tokens_per_minute: Int | None = Field(None, ge=1)  # prompt + completion tokens
 
     @model_validator(mode="before")
     @classmethod

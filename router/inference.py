@@ -175,6 +175,56 @@ async def _failure(error: Exception, lease: Lease, supervisor: Supervisor) -> Ro
     return upstream_error(error, lease, supervisor)
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_messages: int = 4096
+    max_embedding_inputs: int = 2048
+
+
+_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
+
+
+def apply_limits(parsed: dict[str, Any], kind: str, supervisor: Supervisor, limits: Limits) -> bool:
+    """Refuse what cannot be served before it is queued; return True if ``parsed`` changed.
+
+    A requested length beyond the model's cap or its whole context can never
+    succeed. Without one, the model's cap (when configured) becomes max_tokens.
+    """
+    settings = supervisor.settings
+    cap = settings.max_tokens_cap
+    asked = False
+    for name in _TOKEN_FIELDS:
+        if name not in parsed:
+            continue
+        value = parsed[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < -1 or value == 0:
+            raise InvalidRequest(f"'{name}' must be a positive integer")
+        if value == -1:  # llama-server's "until the context is full"
+            continue
+        asked = True
+        if value > settings.spec.n_ctx:
+            raise InvalidRequest(
+                f"'{name}' is {value} but the model's context is {settings.spec.n_ctx} tokens",
+                metadata={"param": name},
+            )
+        if cap is not None and value > cap:
+            raise InvalidRequest(
+                f"'{name}' is {value} but this model allows at most {cap}",
+                metadata={"param": name},
+            )
+    if kind == CHAT:
+        messages = parsed.get("messages")
+        if isinstance(messages, list) and len(messages) > limits.max_messages:
+            raise InvalidRequest(
+                f"too many messages ({len(messages)} > {limits.max_messages})",
+                metadata={"param": "messages"},
+            )
+    if cap is not None and not asked:
+        parsed["max_tokens"] = cap
+        return True
+    return False
+
+
 def upstream_error(error: Exception, lease: Lease | None, supervisor: Supervisor) -> RouterError:
     """Map a failure of the upstream call to what the caller sees."""
     if lease is not None and lease.abort_error is not None:
@@ -224,9 +274,15 @@ class Engine:
     A request for an unknown alias is refused before any of that: it leaves no trace.
     """
 
-    def __init__(self, pool: Pool, observers: Sequence[OutcomeObserver] = ()) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        observers: Sequence[OutcomeObserver] = (),
+        limits: Limits | None = None,
+    ) -> None:
         self._pool = pool
         self._observers = tuple(observers)
+        self._limits = limits or Limits()
 
     @staticmethod
     def _check_kind(supervisor: Supervisor, kind: ModelKind) -> None:
@@ -268,7 +324,8 @@ class Engine:
             self._check_kind(supervisor, ModelKind.CHAT)
             parsed = parse_body(call.body)
             body = call.body
-            if parsed.get("model") != call.model:
+            changed = apply_limits(parsed, call.kind, supervisor, self._limits)
+            if parsed.get("model") != call.model or changed:
                 parsed["model"] = call.model
                 body = json.dumps(parsed, separators=(",", ":"))
             outcome.streamed = stream = parsed.get("stream", False)
@@ -357,6 +414,11 @@ class Engine:
             self._check_kind(supervisor, ModelKind.EMBEDDING)
             if not inputs:
                 raise InvalidRequest("at least one input is required")
+            if len(inputs) > self._limits.max_embedding_inputs:
+                raise InvalidRequest(
+                    f"too many inputs ({len(inputs)} > {self._limits.max_embedding_inputs})",
+                    metadata={"param": "input"},
+                )
             body = json.dumps(
                 {"model": model, "input": [i if isinstance(i, str) else list(i) for i in inputs]},
                 separators=(",", ":"),

@@ -90,4 +90,10 @@ class ErrorInterceptor(_ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_stream is not None:  # server reflection
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(cast(_Stream, handler.stream_stream)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler

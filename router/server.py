@@ -21,8 +21,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from router.config import Settings
-from router.inference import CHAT, COMPLETION, EMBEDDINGS, Engine
+from router.auth import Authenticator, AuthInterceptor, presented_key
+from router.config import Settings, TlsFiles
+from router.inference import CHAT, COMPLETION, EMBEDDINGS, Engine, Limits
 from router.interceptors import ErrorInterceptor
 from router.pool.pool import Pool
 from router.pool.snapshot import ModelSnapshot
@@ -68,6 +69,16 @@ def make_inventory(settings: Settings) -> Inventory:
     return HostMemory(system.memory_budget_mib)
 
 
+def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """TLS for the router's port; with a client CA, clients must present a certificate."""
+    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 @dataclass(slots=True)
 class _ServerInfo:
     state: ServerState
@@ -89,7 +100,12 @@ class Router:
         self.status_file = StatusFileWriter(status_path, self._full_status) if status_path else None
         self.pool = Pool(settings, self._publish, self.inventory, self.metrics)
         self.metrics.watch(self.pool.snapshots, self.inventory.devices)
-        self.engine = Engine(self.pool, (self.metrics, self.summary))
+        self.engine = Engine(
+            self.pool,
+            (self.metrics, self.summary),
+            Limits(settings.system.max_messages, settings.system.max_embedding_inputs),
+        )
+        self.authenticator = Authenticator(settings.auth.api_keys)
         # grpc-stubs does not describe grpc_health's asyncio servicer.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
@@ -128,7 +144,8 @@ class Router:
         await self.pool.start(traced=self._tracer_provider is not None)
         if self.status_file is not None:
             self.status_file.start()
-        interceptors: list[Any] = [ErrorInterceptor()]
+        # Outermost first: tracing sees the final status, errors from auth are mapped too.
+        interceptors: list[Any] = [ErrorInterceptor(), AuthInterceptor(self.authenticator)]
         if self._tracer_provider is not None:
             from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
@@ -163,7 +180,12 @@ class Router:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         grpc_settings = self.settings.grpc
-        self.port = server.add_insecure_port(f"{grpc_settings.host}:{grpc_settings.port}")
+        address = f"{grpc_settings.host}:{grpc_settings.port}"
+        if grpc_settings.tls is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            credentials = await asyncio.to_thread(server_credentials, grpc_settings.tls)
+            self.port = server.add_secure_port(address, credentials)
         await server.start()
         self._server = server
         for name in ("", *SERVICE_NAMES):
@@ -196,7 +218,13 @@ class Router:
     async def _serve_metrics(self, host: str, port: int) -> None:
         """Prometheus text on /metrics, from the event loop (the collector reads pool state)."""
 
-        async def metrics(_: web.Request) -> web.Response:
+        async def metrics(request: web.Request) -> web.Response:
+            if not self.settings.telemetry.metrics_open:
+                principal = self.authenticator.principal(presented_key(request.headers.items()))
+                if principal is None:
+                    return web.Response(status=401, text="a valid API key is required\n")
+                if not (principal.scopes & {"monitor", "admin"}):
+                    return web.Response(status=403, text="this key lacks the 'monitor' scope\n")
             return web.Response(
                 body=generate_latest(self.metrics.registry),
                 headers={"Content-Type": CONTENT_TYPE_LATEST},

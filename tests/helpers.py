@@ -52,10 +52,14 @@ def write_config(
     *,
     system: Mapping[str, Any] | None = None,
     grpc_port: int = 0,
+    grpc_tls: Mapping[str, str] | None = None,
     **sections: Any,
 ) -> Path:
+    grpc: dict[str, Any] = {"host": "127.0.0.1", "port": grpc_port, "grace_sec": 2}
+    if grpc_tls is not None:
+        grpc["tls"] = dict(grpc_tls)
     config = {
-        "grpc": {"host": "127.0.0.1", "port": grpc_port, "grace_sec": 2},
+        "grpc": grpc,
         "system": {**TEST_SYSTEM, "state_dir": str(directory / "state"), **(system or {})},
         "models": dict(models),
         **sections,

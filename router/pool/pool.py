@@ -119,7 +119,13 @@ class Pool:
 
             trace_configs.append(create_trace_config())
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=system.http_max_connections),
+            connector=aiohttp.TCPConnector(
+                limit=0,
+                limit_per_host=system.http_max_connections,
+                # Drop idle sockets before llama-server's own keep-alive timeout (5 s)
+                # closes them under us.
+                keepalive_timeout=2.0,
+            ),
             auto_decompress=False,
             trace_configs=trace_configs,
         )
@@ -181,6 +187,7 @@ class Pool:
             vram_multiplier=system.vram_multiplier,
             min_vram_mib=system.min_vram_required,
             memory_mib=model.memory_mib,
+            max_tokens_cap=model.max_tokens_cap,
         )
 
     def start_preload(self, done: Callable[[], None]) -> None:

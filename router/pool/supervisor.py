@@ -78,6 +78,7 @@ class SupervisorSettings:
     vram_multiplier: float
     min_vram_mib: int
     memory_mib: int | None = None  # declared in config: replaces the estimate
+    max_tokens_cap: int | None = None
 
 
 class Admission(Protocol):

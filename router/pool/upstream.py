@@ -72,6 +72,9 @@ class Upstream:
         self._session = session
         self._base = f"http://127.0.0.1:{port}"
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        # llama-server closes the connection after every streamed response although it
+        # answers keep-alive; a pooled copy would fail the next request before any byte.
+        self._stream_headers = {**self._headers, **CLOSE}
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=min(request_timeout, 10.0), sock_read=request_timeout
         )
@@ -80,7 +83,7 @@ class Upstream:
         """POST and return the response once its headers are in (caller closes it)."""
         try:
             response = await self._session.post(
-                self._base + path, data=body, headers=self._headers, timeout=self._timeout
+                self._base + path, data=body, headers=self._stream_headers, timeout=self._timeout
             )
         except asyncio.TimeoutError as error:
             raise UpstreamTimeout() from error

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
 
+from router.auth import current_principal, visible
 from router.errors import InvalidRequest
 from router.pool.health import health_status
 from router.pool.pool import Pool
+from router.pool.snapshot import ModelSnapshot
 from router.pool.state import ModelState
+from router.pool.supervisor import Supervisor
 from router.resources.report import ResourceReport
 from router.servicers.convert import (
     model_to_pb,
@@ -19,7 +23,7 @@ from router.servicers.convert import (
     summary_to_pb,
     timestamp,
 )
-from router.status import ServerSnapshot, StatusHub
+from router.status import FullStatus, ServerSnapshot, StatusHub
 from router.telemetry.summary import Stats, Summary
 from router.v1 import model_control_service_pb2 as mpb
 from router.v1 import model_control_service_pb2_grpc, model_pb2
@@ -55,7 +59,7 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
     async def ListModels(
         self, request: mpb.ListModelsRequest, context: Context
     ) -> mpb.ListModelsResponse:
-        snapshots = self._pool.snapshots()
+        snapshots = self._snapshots()
         return mpb.ListModelsResponse(
             models=[model_to_pb(s) for s in snapshots],
             server=server_to_pb(self._server()),
@@ -103,14 +107,21 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
     async def WatchModels(
         self, request: mpb.WatchModelsRequest, context: Context
     ) -> AsyncIterator[mpb.WatchModelsResponse]:
+        principal = current_principal()
         async for event in self._hub.subscribe(request.last_event_id, self._heartbeat_sec):
+            payload = event.payload
+            if isinstance(payload, ModelSnapshot) and not principal.may_use(payload.alias):
+                continue
+            if isinstance(payload, FullStatus):
+                models = tuple(m for m in payload.models if principal.may_use(m.alias))
+                event = replace(event, payload=replace(payload, models=models))
             yield status_event_to_pb(event)
 
     async def ListFailedModels(
         self, request: mpb.ListFailedModelsRequest, context: Context
     ) -> mpb.ListFailedModelsResponse:
         failed = []
-        for snapshot in self._pool.snapshots():
+        for snapshot in self._snapshots():
             if snapshot.state is ModelState.FAILED or snapshot.consecutive_failures:
                 entry = mpb.FailedModel(
                     model=snapshot.alias,
@@ -129,7 +140,7 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
     ) -> mpb.GetQueueStatsResponse:
         response = mpb.GetQueueStatsResponse()
         summary = response.summary
-        for supervisor in self._pool.supervisors():
+        for supervisor in self._supervisors():
             queue = supervisor.queue
             counters = queue.counters
             stats = response.per_model[supervisor.alias]
@@ -184,15 +195,16 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
                     fits=m.fits,
                 )
                 for m in report.models
+                if current_principal().may_use(m.alias)
             ],
-            loadable_models=report.loadable,
+            loadable_models=visible(report.loadable),
         )
 
     async def GetModelHealth(
         self, request: mpb.GetModelHealthRequest, context: Context
     ) -> mpb.GetModelHealthResponse:
         response = mpb.GetModelHealthResponse()
-        for supervisor in self._pool.supervisors():
+        for supervisor in self._supervisors():
             record = self._pool.liveness.record(supervisor.alias)
             health = response.models[supervisor.alias]
             health.status = _HEALTH_TO_PB[health_status(record, supervisor.state).value]
@@ -213,7 +225,10 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
         return mpb.GetTelemetrySummaryResponse(
             window_sec=summary.window_sec,
             total=_stats_to_pb(summary.total),
-            per_model={alias: _stats_to_pb(s) for alias, s in summary.per_model.items()},
+            per_model={
+                alias: _stats_to_pb(summary.per_model[alias])
+                for alias in visible(summary.per_model)
+            },
         )
 
     async def GetModelLogs(
@@ -224,6 +239,14 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
         supervisor = self._pool.get(request.model)
         count = min(request.lines or 200, _MAX_LOG_LINES)
         return mpb.GetModelLogsResponse(lines=supervisor.tail_log(count))
+
+    def _supervisors(self) -> list[Supervisor]:
+        """The models the caller may see (every model when auth is off)."""
+        principal = current_principal()
+        return [s for s in self._pool.supervisors() if principal.may_use(s.alias)]
+
+    def _snapshots(self) -> list[ModelSnapshot]:
+        return [s.snapshot() for s in self._supervisors()]
 
     def _model(self, alias: str) -> model_pb2.Model:
         return model_to_pb(self._pool.get(alias).snapshot())

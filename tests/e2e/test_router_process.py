@@ -73,7 +73,8 @@ def test_grpcurl_lists_services_and_streams_a_generation(tmp_path: Path, tiny_ch
         } <= set(services)
         body = {
             "messages": [{"role": "user", "content": "hello"}],
-            "max_tokens": 12,
+            # Enough tokens that several reads happen even when chunks coalesce under load.
+            "max_tokens": 400,
             "stream": True,
         }
         events = grpcurl(
@@ -88,7 +89,8 @@ def test_grpcurl_lists_services_and_streams_a_generation(tmp_path: Path, tiny_ch
         )
         end = events[-1]["end"]
         assert end["finishReason"] == "length"
-        assert end["usage"]["completionTokens"] == 12
+        assert end["usage"]["completionTokens"] == 400
+        assert sum(len(c["data"]) for c in chunks) >= 400
         [health] = grpcurl(port, "grpc.health.v1.Health/Check")
         assert health["status"] == "SERVING"
 

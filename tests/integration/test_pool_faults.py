@@ -33,7 +33,7 @@ def fake_model(tiny_chat: Path):
     def entry(tmp_path: Path, name: str) -> dict[str, object]:
         path = tmp_path / f"{name}.gguf"
         path.symlink_to(tiny_chat)
-        return {"model_path": str(path), "params": {"n_ctx": 1024}}
+        return {"model_path": str(path), "params": {"n_ctx": 131072}}  # the fake ignores it
 
     return entry
 
@@ -262,7 +262,7 @@ async def test_hung_child_is_replaced(tmp_path: Path, fake, fake_model) -> None:
 async def test_queue_full_is_rejected_with_retry_hint(tmp_path: Path, fake, fake_model) -> None:
     settings = settings_for(
         tmp_path,
-        {"m": {**fake_model(tmp_path, "m"), "params": {"n_ctx": 1024, "parallel_override": 1}}},
+        {"m": {**fake_model(tmp_path, "m"), "params": {"n_ctx": 131072, "parallel_override": 1}}},
         system={"llama_server_path": fake("--token-delay 0.02"), "max_queue_size_per_model": 2},
     )
     async with running_router(settings) as (router, client):
@@ -282,7 +282,7 @@ async def test_queue_full_is_rejected_with_retry_hint(tmp_path: Path, fake, fake
 async def test_queue_timeout_is_deadline_exceeded(tmp_path: Path, fake, fake_model) -> None:
     settings = settings_for(
         tmp_path,
-        {"m": {**fake_model(tmp_path, "m"), "params": {"n_ctx": 1024, "parallel_override": 1}}},
+        {"m": {**fake_model(tmp_path, "m"), "params": {"n_ctx": 131072, "parallel_override": 1}}},
         system={"llama_server_path": fake("--token-delay 0.01"), "queue_timeout_sec": 0.5},
     )
     async with running_router(settings) as (router, client):
@@ -308,6 +308,6 @@ async def test_upstream_4xx_is_invalid_argument_with_its_type(
         from clients import InvalidRequestError
 
         with pytest.raises(InvalidRequestError) as caught:
-            await drain(client, "m", {**PROMPT, "max_tokens": 200000})
+            await drain(client, "m", {**PROMPT, "max_tokens": 120000})
         assert caught.value.reason == "UPSTREAM_REJECTED"
         assert caught.value.metadata["upstream_type"] == "exceed_context_size_error"

@@ -196,7 +196,11 @@ def seed_config(tmp_path: Path, llama_server: Path) -> dict[str, Any]:
 def test_full_seed_config_loads_unchanged(tmp_path: Path, seed_config: dict[str, Any]) -> None:
     settings = load(tmp_path, seed_config)
 
-    assert settings.api.model_dump() == {**seed_config["api"], "max_body_bytes": 8 * 1024 * 1024}
+    assert settings.api.model_dump() == {
+        **seed_config["api"],
+        "max_body_bytes": 8 * 1024 * 1024,
+        "tls": None,
+    }
     for key, value in seed_config["system"].items():
         got = getattr(settings.system, key)
         assert (str(got) if isinstance(got, Path) else got) == value, key

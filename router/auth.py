@@ -1,0 +1,295 @@
+"""Who may call what: API keys, scopes, model allow-lists, priority rights, rate limits.
+
+The router is the one place that enforces these; the facade forwards each
+caller's key, so gRPC callers cannot bypass anything the HTTP side checks.
+
+Access per RPC (with keys configured; without keys everything is open, which
+the configuration only allows on loopback):
+
+    public     grpc.health.v1                         no key
+    any key    server reflection                      any valid key
+    read       ListModels, GetModel                   inference, monitor or admin
+    inference  Generate, Embed                        inference or admin
+    monitor    WatchModels, queue stats, resources,   monitor or admin
+               model health, failed models, summary
+    admin      LoadModel, UnloadModel, ResetModel,    admin
+               GetModelLogs (and anything unlisted)
+
+A model outside a key's allow-list is reported as not found, as OpenAI does.
+Keys are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+
+from router.config import ApiKey
+from router.errors import ModelNotFound, PermissionDenied, RateLimited, Unauthenticated
+from router.v1 import inference_service_pb2
+
+_INFERENCE = "/router.v1.InferenceService/"
+_CONTROL = "/router.v1.ModelControlService/"
+REQUIRED: dict[str, str] = {
+    _INFERENCE + "Generate": "inference",
+    _INFERENCE + "Embed": "inference",
+    _CONTROL + "ListModels": "read",
+    _CONTROL + "GetModel": "read",
+    _CONTROL + "WatchModels": "monitor",
+    _CONTROL + "ListFailedModels": "monitor",
+    _CONTROL + "GetQueueStats": "monitor",
+    _CONTROL + "GetResources": "monitor",
+    _CONTROL + "GetModelHealth": "monitor",
+    _CONTROL + "GetTelemetrySummary": "monitor",
+    _CONTROL + "LoadModel": "admin",
+    _CONTROL + "UnloadModel": "admin",
+    _CONTROL + "ResetModel": "admin",
+    _CONTROL + "GetModelLogs": "admin",
+}
+_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/",)
+_ANY_KEY_PREFIXES = ("/grpc.reflection.",)
+
+
+def allows(scopes: Iterable[str], required: str) -> bool:
+    granted = set(scopes)
+    if "admin" in granted:
+        return True
+    if required == "read":
+        return bool(granted & {"inference", "monitor"})
+    return required in granted
+
+
+class TokenBucket:
+    """``per_minute`` units, refilled continuously; the burst is one minute's worth."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._capacity = float(per_minute)
+        self._rate = per_minute / 60.0
+        self._level = self._capacity
+        self._clock = clock
+        self._updated = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._level = min(self._capacity, self._level + (now - self._updated) * self._rate)
+        self._updated = now
+
+    def take(self, amount: float = 1.0) -> float:
+        """Take ``amount`` now and return 0, or return the seconds until it could be taken."""
+        self._refill()
+        if self._level >= amount:
+            self._level -= amount
+            return 0.0
+        return (amount - self._level) / self._rate
+
+    def wait_for_positive(self) -> float:
+        """Seconds until the bucket holds anything (0 when it does)."""
+        self._refill()
+        return 0.0 if self._level > 0 else (1e-6 - self._level) / self._rate
+
+    def debit(self, amount: float) -> None:
+        """Charge what a request used after the fact (the level may go negative)."""
+        self._refill()
+        self._level -= amount
+
+
+@dataclass(eq=False)
+class Principal:
+    name: str
+    scopes: frozenset[str]
+    models: frozenset[str] | None  # None = every model
+    allow_high_priority: bool
+    requests: TokenBucket | None = None
+    tokens: TokenBucket | None = None
+    key: bytes = field(default=b"", repr=False)
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+ANONYMOUS = Principal("anonymous", frozenset({"admin"}), None, True)
+_current: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal", default=ANONYMOUS)
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served (ANONYMOUS when no keys are configured)."""
+    return _current.get()
+
+
+def visible(aliases: Iterable[str]) -> list[str]:
+    principal = current_principal()
+    return [alias for alias in aliases if principal.may_use(alias)]
+
+
+def presented_key(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The key from ``authorization: Bearer <key>`` or ``x-api-key: <key>``."""
+    for name, value in metadata:
+        text = value.decode() if isinstance(value, bytes) else value
+        lowered = name.lower()
+        if lowered == "authorization" and text[:7].lower() == "bearer ":
+            return text[7:].strip()
+        if lowered == "x-api-key":
+            return text.strip()
+    return None
+
+
+class Authenticator:
+    def __init__(self, keys: Sequence[ApiKey]) -> None:
+        self.enabled = bool(keys)
+        self._principals = [
+            Principal(
+                name=key.name or f"key#{index + 1}",
+                scopes=frozenset(key.scopes),
+                models=frozenset(key.models) if key.models is not None else None,
+                allow_high_priority=key.allow_high_priority,
+                requests=TokenBucket(key.requests_per_minute) if key.requests_per_minute else None,
+                tokens=TokenBucket(key.tokens_per_minute) if key.tokens_per_minute else None,
+                key=key.key.encode(),
+            )
+            for index, key in enumerate(keys)
+        ]
+
+    def principal(self, key: str | None) -> Principal | None:
+        """The principal holding ``key`` (ANONYMOUS when auth is off), None when unknown."""
+        if not self.enabled:
+            return ANONYMOUS
+        if not key:
+            return None
+        candidate = key.encode()
+        found = None
+        for principal in self._principals:  # no early exit: same time whichever key matches
+            if hmac.compare_digest(principal.key, candidate):
+                found = principal
+        return found
+
+    def authorize(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
+        """The caller of ``method``, or raise Unauthenticated / PermissionDenied."""
+        if method.startswith(_PUBLIC_PREFIXES) or not self.enabled:
+            return ANONYMOUS
+        principal = self.principal(presented_key(metadata))
+        if principal is None:
+            raise Unauthenticated("a valid API key is required (Authorization: Bearer <key>)")
+        if method.startswith(_ANY_KEY_PREFIXES):
+            return principal
+        required = REQUIRED.get(method, "admin")
+        if not allows(principal.scopes, required):
+            raise PermissionDenied(f"this key lacks the '{required}' scope")
+        return principal
+
+
+def check_request(principal: Principal, request: Any) -> None:
+    """Per-request rules: model allow-list, HIGH priority, rate limits (inference only)."""
+    model = getattr(request, "model", "")
+    if model and not principal.may_use(model):
+        raise ModelNotFound(model)
+    priority = getattr(request, "priority", None)
+    if priority == inference_service_pb2.PRIORITY_HIGH and not principal.allow_high_priority:
+        raise PermissionDenied("this key may not use high priority")
+    if isinstance(
+        request, (inference_service_pb2.GenerateRequest, inference_service_pb2.EmbedRequest)
+    ):
+        for bucket, what in ((principal.tokens, "tokens"), (principal.requests, "requests")):
+            if bucket is None:
+                continue
+            wait = bucket.wait_for_positive() if what == "tokens" else bucket.take()
+            if wait:
+                raise RateLimited(f"rate limit of this key's {what} reached", retry_after=wait)
+
+
+def _used_tokens(response: Any) -> int:
+    if isinstance(response, inference_service_pb2.GenerateResponse) and response.HasField("end"):
+        return response.end.usage.prompt_tokens + response.end.usage.completion_tokens
+    if isinstance(response, inference_service_pb2.EmbedResponse):
+        return response.usage.prompt_tokens
+    return 0
+
+
+_Unary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_Stream = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+_Bidi = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # generic only in grpc-stubs, not at runtime
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class AuthInterceptor(_ServerInterceptor):
+    """Authenticate each call, authorize it, and rate-limit it; errors surface as statuses
+    through the error interceptor around this one."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or not self._auth.enabled:
+            return handler
+        method = handler_call_details.method
+        metadata = handler_call_details.invocation_metadata or ()
+        if handler.unary_unary is not None:
+            unary = cast(_Unary, handler.unary_unary)
+
+            async def guarded_unary(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
+                principal = self._auth.authorize(method, metadata)
+                check_request(principal, request)
+                _current.set(principal)
+                response = await unary(request, context)
+                if principal.tokens is not None:
+                    principal.tokens.debit(_used_tokens(response))
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                guarded_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            stream = cast(_Stream, handler.unary_stream)
+
+            async def guarded_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                principal = self._auth.authorize(method, metadata)
+                check_request(principal, request)
+                _current.set(principal)
+                async for response in stream(request, context):
+                    if principal.tokens is not None:
+                        principal.tokens.debit(_used_tokens(response))
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                guarded_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:  # server reflection
+            bidi = cast(_Bidi, handler.stream_stream)
+
+            async def guarded_bidi(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                _current.set(self._auth.authorize(method, metadata))
+                async for response in bidi(requests, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                guarded_bidi,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

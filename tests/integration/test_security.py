@@ -1,0 +1,279 @@
+"""Keys, scopes, model allow-lists, priority rights, rate limits, request limits, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients import (
+    AuthenticationError,
+    End,
+    GenerateEvent,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RouterClient,
+    UnavailableError,
+)
+from clients.errors import InvalidRequestError
+from router.v1 import model_control_service_pb2 as mpb
+from tests.certs import make_pki
+from tests.helpers import chat_model, embed_model, running_router, settings_for
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+PROMPT = {"messages": MESSAGES, "max_tokens": 4}
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+KEYS = {
+    "inference": "inf-key-0123456789",
+    "monitor": "mon-key-0123456789",
+    "admin": "adm-key-0123456789",
+    "high": "high-key-0123456789",
+    "limited": "lim-key-0123456789",
+}
+
+
+def keyed_settings(tmp_path: Path, tiny_chat: Path, tiny_embed: Path, **extra: Any) -> Any:
+    return settings_for(
+        tmp_path,
+        {
+            "chat": chat_model(tiny_chat),
+            "other": chat_model(tiny_chat),
+            "embed": embed_model(tiny_embed),
+        },
+        auth={
+            "api_keys": [
+                {"key": KEYS["inference"], "scopes": ["inference"], "models": ["chat", "embed"]},
+                {"key": KEYS["monitor"], "scopes": ["monitor"]},
+                {"key": KEYS["admin"], "scopes": ["admin"], "name": "ops"},
+                {"key": KEYS["high"], "scopes": ["inference"], "allow_high_priority": True},
+                {"key": KEYS["limited"], "scopes": ["inference"], "requests_per_minute": 2},
+            ]
+        },
+        **extra,
+    )
+
+
+async def generate(client: RouterClient, model: str = "chat", **kwargs: Any) -> list[GenerateEvent]:
+    return [e async for e in client.generate(model, PROMPT, **kwargs)]
+
+
+async def test_scopes_over_grpc(tmp_path: Path, tiny_chat: Path, tiny_embed: Path) -> None:
+    settings = keyed_settings(tmp_path, tiny_chat, tiny_embed)
+    async with running_router(settings) as (router, anonymous):
+        target = f"127.0.0.1:{router.port}"
+        with pytest.raises(AuthenticationError):
+            await generate(anonymous)
+        with pytest.raises(AuthenticationError):
+            await anonymous.list_models()
+        with pytest.raises(AuthenticationError):
+            await generate(RouterClient(target, api_key="wrong-key"))
+
+        async with RouterClient(target, api_key=KEYS["inference"]) as inference:
+            assert isinstance((await generate(inference))[-1], End)
+            assert (await inference.embed("embed", ["hello"])).embeddings
+            assert [m.alias for m in (await inference.list_models()).models] == ["chat", "embed"]
+            with pytest.raises(ModelNotFoundError):  # outside its allow-list: as if absent
+                await generate(inference, "other")
+            with pytest.raises(ModelNotFoundError):
+                await inference.get_model("other")
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await inference.control.GetQueueStats(
+                    mpb.GetQueueStatsRequest(),
+                    metadata=(("authorization", "Bearer " + KEYS["inference"]),),
+                )
+            assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(PermissionDeniedError):
+                await inference.load("chat")
+            with pytest.raises(PermissionDeniedError):
+                await generate(inference, priority="high")
+
+        async with RouterClient(target, api_key=KEYS["monitor"]) as monitor:
+            assert len((await monitor.list_models()).models) == 3
+            metadata = (("x-api-key", KEYS["monitor"]),)
+            stats = await monitor.control.GetQueueStats(
+                mpb.GetQueueStatsRequest(), metadata=metadata
+            )
+            assert set(stats.per_model) == {"chat", "other", "embed"}
+            await monitor.control.GetTelemetrySummary(
+                mpb.GetTelemetrySummaryRequest(), metadata=metadata
+            )
+            with pytest.raises(PermissionDeniedError):
+                await generate(monitor)
+            with pytest.raises(PermissionDeniedError):
+                await monitor.unload("chat")
+
+        async with RouterClient(target, api_key=KEYS["admin"]) as admin:
+            assert (await admin.load("other")).state == "ready"
+            assert isinstance((await generate(admin, "other"))[-1], End)
+            metadata = (("authorization", "Bearer " + KEYS["admin"]),)
+            logs = await admin.control.GetModelLogs(
+                mpb.GetModelLogsRequest(model="other"), metadata=metadata
+            )
+            assert logs.lines
+            await admin.unload("other")
+
+        async with RouterClient(target, api_key=KEYS["high"]) as high:
+            assert isinstance((await generate(high, priority="high"))[-1], End)
+
+
+async def test_rate_limit_refuses_with_retry_after(
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path
+) -> None:
+    settings = keyed_settings(tmp_path, tiny_chat, tiny_embed)
+    async with running_router(settings) as (router, _):
+        async with RouterClient(f"127.0.0.1:{router.port}", api_key=KEYS["limited"]) as limited:
+            await generate(limited)
+            await generate(limited)
+            with pytest.raises(RateLimitError) as caught:
+                await generate(limited)
+        assert caught.value.reason == "RATE_LIMITED"
+        assert caught.value.retry_after is not None and caught.value.retry_after >= 1
+        # Other keys are not affected.
+        async with RouterClient(f"127.0.0.1:{router.port}", api_key=KEYS["inference"]) as other:
+            await generate(other)
+
+
+async def test_health_is_open_and_reflection_needs_a_key(
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path
+) -> None:
+    settings = keyed_settings(tmp_path, tiny_chat, tiny_embed)
+    async with running_router(settings) as (router, _):
+        address = f"127.0.0.1:{router.port}"
+
+        def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=30
+            )
+
+        async with grpc.aio.insecure_channel(address) as channel:  # no key at all
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest()
+            )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        refused = await asyncio.to_thread(grpcurl, address, "list")
+        assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
+        header = f"authorization: Bearer {KEYS['monitor']}"
+        listed = await asyncio.to_thread(grpcurl, "-H", header, address, "list")
+        assert listed.returncode == 0 and "router.v1.InferenceService" in listed.stdout
+        body = json.dumps(
+            {"model": "chat", "kind": "GENERATE_KIND_CHAT", "body": json.dumps(PROMPT)}
+        )
+        call = ["-d", body, address, "router.v1.InferenceService/Generate"]
+        denied = await asyncio.to_thread(grpcurl, "-H", header, *call)
+        assert denied.returncode != 0 and "PermissionDenied" in denied.stderr
+        allowed = await asyncio.to_thread(grpcurl, "-H", f"x-api-key: {KEYS['inference']}", *call)
+        assert allowed.returncode == 0 and '"end"' in allowed.stdout
+
+
+async def test_protected_metrics_need_a_monitor_key(
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path
+) -> None:
+    settings = keyed_settings(
+        tmp_path, tiny_chat, tiny_embed, telemetry={"metrics_port": 0, "metrics_open": False}
+    )
+    async with running_router(settings) as (router, _):
+        url = f"http://127.0.0.1:{router.metrics_port}/metrics"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as response:
+                assert response.status == 401
+            headers = {"Authorization": f"Bearer {KEYS['inference']}"}
+            async with session.get(url, headers=headers) as response:
+                assert response.status == 403
+            headers = {"Authorization": f"Bearer {KEYS['monitor']}"}
+            async with session.get(url, headers=headers) as response:
+                assert (
+                    response.status == 200 and "routermodel_requests_total" in await response.text()
+                )
+
+
+async def test_request_limits_before_queueing(
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"chat": {**chat_model(tiny_chat), "max_tokens_cap": 6}, "embed": embed_model(tiny_embed)},
+        system={"max_messages": 3, "max_embedding_inputs": 4},
+    )
+    async with running_router(settings) as (router, client):
+        with pytest.raises(InvalidRequestError, match="at most 6"):
+            await collect(client, {"messages": MESSAGES, "max_tokens": 7})
+        with pytest.raises(InvalidRequestError, match="context"):
+            await collect(client, {"messages": MESSAGES, "max_tokens": 5000})
+        with pytest.raises(InvalidRequestError, match="too many messages"):
+            await collect(client, {"messages": MESSAGES * 4, "max_tokens": 2})
+        with pytest.raises(InvalidRequestError, match="too many inputs"):
+            await client.embed("embed", ["a"] * 5)
+        assert router.pool.get("chat").child is None  # refused before loading anything
+        events = await collect(client, {"messages": MESSAGES})  # the cap applies
+        assert isinstance(events[-1], End) and events[-1].usage.completion_tokens == 6
+
+
+async def collect(client: RouterClient, body: dict[str, Any]) -> list[GenerateEvent]:
+    return [e async for e in client.generate("chat", body)]
+
+
+async def test_tls_router_needs_the_ca_and_refuses_plaintext(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    settings = settings_for(
+        tmp_path,
+        {"chat": chat_model(tiny_chat)},
+        grpc_tls={"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
+    )
+    async with running_router(settings) as (router, plaintext):
+        with pytest.raises(UnavailableError):
+            await plaintext.list_models()
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
+        async with RouterClient(f"127.0.0.1:{router.port}", credentials=credentials) as secure:
+            assert isinstance((await generate(secure))[-1], End)
+
+
+async def test_mutual_tls_requires_a_client_certificate(tmp_path: Path, tiny_chat: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    settings = settings_for(
+        tmp_path,
+        {"chat": chat_model(tiny_chat)},
+        grpc_tls={
+            "cert_file": str(pki.server_cert),
+            "key_file": str(pki.server_key),
+            "client_ca_file": str(pki.ca),
+        },
+    )
+    async with running_router(settings) as (router, _):
+        target = f"127.0.0.1:{router.port}"
+        no_cert = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
+        async with RouterClient(target, credentials=no_cert) as anonymous:
+            with pytest.raises(UnavailableError):
+                await anonymous.list_models()
+        with_cert = grpc.ssl_channel_credentials(
+            root_certificates=pki.ca.read_bytes(),
+            private_key=pki.client_key.read_bytes(),
+            certificate_chain=pki.client_cert.read_bytes(),
+        )
+        async with RouterClient(target, credentials=with_cert) as client:
+            assert (await client.list_models()).models[0].alias == "chat"
+
+
+def test_non_loopback_without_keys_is_refused(tmp_path: Path, tiny_chat: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps({"grpc": {"host": "0.0.0.0"}, "models": {"chat": chat_model(tiny_chat)}})
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "router", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "auth.api_keys" in result.stderr and "--insecure-listen" in result.stderr
