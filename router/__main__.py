@@ -11,7 +11,8 @@ from pathlib import Path
 
 from router.config import ConfigError, Settings, load_settings
 from router.logs import setup_logging
-from router.server import serve
+from router.pool.registry import StateDirInUse
+from router.server import ListenError, serve
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
 
         ensure_demo_models()
         logging.getLogger("router").info("no config file: serving the built-in demo models")
-    asyncio.run(_run(settings))
+    try:
+        asyncio.run(_run(settings))
+    except (ListenError, StateDirInUse) as error:
+        sys.exit(f"router: {error}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ def make_inventory(settings: Settings) -> Inventory:
     return HostMemory(system.memory_budget_mib)
 
 
+class ListenError(Exception):
+    """The router could not bind its gRPC (or metrics) address."""
+
+
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     """TLS for the router's port; with a client CA, clients must present a certificate."""
     client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
@@ -181,11 +185,14 @@ class Router:
         )
         grpc_settings = self.settings.grpc
         address = f"{grpc_settings.host}:{grpc_settings.port}"
-        if grpc_settings.tls is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            credentials = await asyncio.to_thread(server_credentials, grpc_settings.tls)
-            self.port = server.add_secure_port(address, credentials)
+        try:
+            if grpc_settings.tls is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                credentials = await asyncio.to_thread(server_credentials, grpc_settings.tls)
+                self.port = server.add_secure_port(address, credentials)
+        except RuntimeError as error:
+            raise ListenError(f"cannot listen on {address}: is it in use?") from error
         await server.start()
         self._server = server
         for name in ("", *SERVICE_NAMES):
@@ -235,7 +242,11 @@ class Router:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:
+            await runner.cleanup()
+            raise ListenError(f"cannot serve metrics on {host}:{port}: {error.strerror}") from None
         self._metrics_site = runner
         self.metrics_port = runner.addresses[0][1]
         _LOGGER.info("metrics on http://%s:%d/metrics", host, self.metrics_port)

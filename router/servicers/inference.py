@@ -9,6 +9,7 @@ import grpc
 
 from router.errors import InvalidRequest
 from router.inference import Engine, GenerateCall, new_request_id
+from router.logs import request_id
 from router.scheduler.queue import Priority
 from router.servicers.convert import KIND_FROM_PB, PRIORITY_FROM_PB, generate_event_to_pb
 from router.v1 import inference_service_pb2 as ipb
@@ -32,12 +33,13 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             kind=kind,
             body=request.body,
             priority=PRIORITY_FROM_PB.get(request.priority, Priority.NORMAL),
-            request_id=request.request_id or new_request_id(),
+            request_id=_request_id(request.request_id, context),
         )
         async for event in self._engine.generate(call):
             yield generate_event_to_pb(event)
 
     async def Embed(self, request: ipb.EmbedRequest, context: Context) -> ipb.EmbedResponse:
+        _request_id(request.request_id, context)
         if request.inputs and request.token_inputs:
             raise InvalidRequest("set either inputs or token_inputs, not both")
         inputs: list[str] | list[list[int]] = (
@@ -52,3 +54,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 prompt_tokens=result.usage.prompt_tokens, total_tokens=result.usage.total_tokens
             ),
         )
+
+
+def _request_id(given: str, context: Context) -> str:
+    """The caller's id (field, else x-request-id metadata) or a new one; every log line of
+    this call carries it."""
+    value = given or next(
+        (str(v) for k, v in context.invocation_metadata() or () if k == "x-request-id"), ""
+    )
+    value = value[:128] if value.isprintable() and value else new_request_id()
+    request_id.set(value)
+    return value

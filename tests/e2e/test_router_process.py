@@ -232,3 +232,23 @@ def test_bad_config_exits_with_the_reason(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "idle_timout_sec" in result.stderr and "did you mean 'idle_timeout_sec'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_taken_port_is_a_clear_error(tmp_path: Path, tiny_chat: Path) -> None:
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        config = write_config(tmp_path, {"chat": chat_model(tiny_chat)}, grpc_port=port)
+        result = subprocess.run(
+            [sys.executable, "-m", "router", "-c", str(config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -11,6 +11,8 @@ Knobs:
   --crash-after-tokens N  os._exit(137-style) after N streamed tokens in total.
   --ignore-sigterm      keep running on SIGTERM (the router must SIGKILL).
   --stats-file PATH     after each request, write {"max_concurrent", "requests"} there.
+  --port-taken-once MARKER  the first start (no MARKER file yet) fails as if its port
+                        were taken, like llama-server losing a race for a free port.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crash-after-tokens", type=int)
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--stats-file")
+    parser.add_argument("--port-taken-once")
     args, _ = parser.parse_known_args(argv)  # the router's other llama-server flags
     return args
 
@@ -155,6 +158,10 @@ class Fake:
 
 def main() -> None:
     args = parse_args()
+    if args.port_taken_once and not Path(args.port_taken_once).exists():
+        Path(args.port_taken_once).touch()
+        print("couldn't bind HTTP server socket, hostname: 127.0.0.1", file=sys.stderr, flush=True)
+        sys.exit(1)
     if args.exit_at_start is not None:
         print(args.exit_message, file=sys.stderr, flush=True)
         sys.exit(args.exit_at_start)

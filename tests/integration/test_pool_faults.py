@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -311,3 +312,43 @@ async def test_upstream_4xx_is_invalid_argument_with_its_type(
             await drain(client, "m", {**PROMPT, "max_tokens": 120000})
         assert caught.value.reason == "UPSTREAM_REJECTED"
         assert caught.value.metadata["upstream_type"] == "exceed_context_size_error"
+
+
+async def test_lost_port_race_is_retried_and_not_a_failure(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    marker = tmp_path / "port-taken"
+    settings = settings_for(
+        tmp_path,
+        {"m": fake_model(tmp_path, "m")},
+        system={
+            "llama_server_path": fake(f"--port-taken-once {marker}"),
+            "model_load_max_retries": 0,
+        },
+    )
+    async with running_router(settings) as (_, client):
+        events = await drain(client, "m")
+        model = await client.get_model("m")
+    assert marker.exists()  # the first start really failed
+    assert isinstance(events[-1], End)
+    assert model.consecutive_failures == 0 and model.state == "ready"
+
+
+async def test_model_file_deleted_or_corrupted_after_start(tmp_path: Path, tiny_chat: Path) -> None:
+    copy = tmp_path / "model.gguf"
+    shutil.copyfile(tiny_chat, copy)
+    settings = settings_for(tmp_path, {"m": {"model_path": str(copy), "params": {"n_ctx": 2048}}})
+    async with running_router(settings) as (_, client):
+        assert isinstance((await drain(client, "m"))[-1], End)
+        await client.unload("m")
+        copy.write_bytes(b"GGUF" + b"\x00" * 4096)  # corrupted in place
+        with pytest.raises(UnavailableError) as corrupted:
+            await drain(client, "m")
+        assert "could not be loaded" in corrupted.value.message
+        assert str(tmp_path) not in corrupted.value.message
+        assert (await client.get_model("m")).state == "failed"
+        await client.reset("m")
+        copy.unlink()
+        with pytest.raises(UnavailableError) as deleted:
+            await drain(client, "m")
+        assert "does not exist" in deleted.value.message
