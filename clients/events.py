@@ -158,6 +158,8 @@ class ModelInfo:
     * **ttl_sec** - idle time after which the model is unloaded; 0 when never.
     * **load_stage** - the step of the load in progress, e.g. "loading_weights";
       "unspecified" when no load runs.
+    * **created_at** - the model file's modification time (OpenAI's `created`), None when the
+      router could not read it.
     """
 
     alias: str
@@ -182,6 +184,7 @@ class ModelInfo:
     load_seconds: float
     ttl_sec: int
     load_stage: str
+    created_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -480,6 +480,7 @@ def _model_info(model: model_pb2.Model) -> ModelInfo:
         load_seconds=model.load_seconds,
         ttl_sec=model.ttl_sec,
         load_stage=_LOAD_STAGES.get(model.load_stage, ""),
+        created_at=_datetime(model.created_at),
     )
 
 

@@ -42,6 +42,7 @@ from tests.clients.fake_router import (
 )
 
 STARTED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+CREATED = datetime(2025, 12, 1, 8, 0, 0, tzinfo=timezone.utc)
 CHAT_BODY = {"messages": [{"role": "user", "content": "Hi"}], "stream": True}
 
 
@@ -388,6 +389,7 @@ async def test_list_models_converts_models_server_and_summary(
             memory_measured_mib=880,
             load_seconds=1.5,
             ttl_sec=600,
+            created_at=timestamp(CREATED),
         ),
         "bge": make_model(
             "bge",
@@ -424,6 +426,7 @@ async def test_list_models_converts_models_server_and_summary(
         load_seconds=1.5,
         ttl_sec=600,
         load_stage="unspecified",
+        created_at=CREATED,
     )
     embedder = listing.models[1]
     assert (embedder.state, embedder.kind, embedder.load_stage) == (
@@ -669,4 +672,5 @@ def _default_model_info(alias: str) -> ModelInfo:
         load_seconds=0.0,
         ttl_sec=0,
         load_stage="unspecified",
+        created_at=None,
     )

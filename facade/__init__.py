@@ -1,0 +1,1 @@
+"""OpenAI REST/SSE facade over the router's gRPC services."""

@@ -1,0 +1,110 @@
+"""The facade's application factory: routes, middlewares, and the router client's lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from clients import RouterClient
+from facade import bridge, openai, openapi
+from facade.context import request_id
+from facade.cors import setup_cors
+from facade.errors import error_middleware
+from facade.health import health
+from facade.keys import CLIENT, SETTINGS, STREAMS
+from facade.sse import StreamRegistry
+from router.config import GrpcConfig, Settings
+
+__all__ = ["create_app", "router_target"]
+
+# Idle seconds before an SSE response sends a `: keep-alive` comment (and, while the request
+# still waits for the model, its headers).
+DEFAULT_KEEPALIVE_SEC = 10.0
+# How long shutdown waits for the streams it ended to send their last frame.
+_STREAM_STOP_TIMEOUT_SEC = 2.0
+# Replies (e.g. a large embeddings batch) may exceed the request body limit: receive what the
+# router may send. Requests stay within the body limit plus protobuf framing.
+_MAX_REPLY_BYTES = 256 * 1024 * 1024
+_MESSAGE_OVERHEAD = 64 * 1024
+# Find a restarted router within about a second, whatever backoff the channel reached while it
+# was away (gRPC's default grows to two minutes).
+_RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
+def router_target(grpc: GrpcConfig) -> str:
+    """Where the router listens, as a gRPC target; a wildcard bind is reached on loopback."""
+    host = grpc.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{grpc.port}"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    client: RouterClient | None = None,
+    keepalive_sec: float = DEFAULT_KEEPALIVE_SEC,
+) -> web.Application:
+    """The facade for `settings`: OpenAI routes, the admin bridge, health and OpenAPI.
+
+    `client` is used as given and left open (tests pass one to a fake router); without it the
+    app opens its own client to `settings.grpc` at startup and closes it at cleanup.
+    """
+    app = web.Application(
+        client_max_size=settings.api.max_body_bytes, middlewares=[error_middleware]
+    )
+    app[SETTINGS] = settings
+    app[STREAMS] = StreamRegistry(keepalive_sec)
+    app.cleanup_ctx.append(_router_client(settings, client))
+    app.on_shutdown.append(_stop_streams)
+    app.on_response_prepare.append(_echo_request_id)
+    setup_cors(app, settings.api.cors_origins)
+    openai.setup_routes(app)
+    bridge.setup_routes(app)
+    app.router.add_route("GET", "/health", health)
+    openapi.setup_routes(app)
+    return app
+
+
+def _router_client(
+    settings: Settings, given: RouterClient | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        if given is not None:
+            app[CLIENT] = given
+            yield
+            return
+        # No api_key: each call forwards its caller's own Authorization instead.
+        client = RouterClient(
+            router_target(settings.grpc),
+            max_message_bytes=max(
+                settings.api.max_body_bytes + _MESSAGE_OVERHEAD, _MAX_REPLY_BYTES
+            ),
+            options=_RECONNECT_OPTIONS,
+        )
+        app[CLIENT] = client
+        try:
+            yield
+        finally:
+            await client.close()
+
+    return lifetime
+
+
+async def _stop_streams(app: web.Application) -> None:
+    # Status streams never end by themselves; without this, shutdown would wait its whole
+    # timeout for them.
+    await app[STREAMS].stop_all(_STREAM_STOP_TIMEOUT_SEC)
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Request-ID"] = request_id(request)

@@ -1,0 +1,73 @@
+"""`POST /v1/chat/completions` and `POST /v1/completions`: one Generate call each.
+
+The body goes to the router as received. A non-streamed answer is llama-server's own response
+body; a streamed one writes each gRPC message's chunks as SSE frames in one write, without
+parsing them (the hot path: thousands of chunks a second).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from clients import Chunk, GenerateEvent, GenerateKind
+from facade.context import call_metadata, priority, read_body, request_id
+from facade.errors import internal_error
+from facade.keys import CLIENT, STREAMS
+from facade.openai.protocol import parse_generation_request
+from facade.sse import DONE, data_frame, openai_error_frame
+
+__all__ = ["chat_completions", "completions"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI chat completions, streamed or not."""
+    return await _generate(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI (legacy) text completions, streamed or not."""
+    return await _generate(request, "completion")
+
+
+async def _generate(request: web.Request, kind: GenerateKind) -> web.StreamResponse:
+    parsed = parse_generation_request(await read_body(request), kind)
+    events = request.app[CLIENT].generate(
+        parsed.model,
+        parsed.body,
+        kind=kind,
+        priority=priority(request),
+        request_id=request_id(request),
+        metadata=call_metadata(request),
+    )
+    async with contextlib.aclosing(events):
+        if parsed.stream:
+            return await _stream(request, events)
+        return await _respond(events)
+
+
+async def _respond(events: AsyncIterator[GenerateEvent]) -> web.Response:
+    body = ""
+    async for event in events:
+        if type(event) is Chunk and event.data:
+            body = event.data[0]
+    if not body:
+        _LOGGER.error("the router ended a non-streamed call without a response")
+        raise internal_error()
+    return web.Response(text=body, content_type="application/json")
+
+
+async def _stream(request: web.Request, events: AsyncIterator[GenerateEvent]) -> web.StreamResponse:
+    async with request.app[STREAMS].open(request, openai_error_frame) as stream:
+        async for event in events:
+            # Queued/Loading need no frame (keep-alive comments cover long waits); End's usage
+            # already rode in llama-server's own chunks.
+            if type(event) is Chunk and event.data:
+                await stream.write(data_frame(event.data))
+        await stream.close(DONE)
+    return stream.response

@@ -1,0 +1,135 @@
+"""Validation of OpenAI request bodies: only what the facade needs, the rest is llama-server's.
+
+Chat and text completion bodies are checked for the fields the router routes on (`model`,
+`stream`) and the few whose absence llama-server would report less clearly (`messages`,
+`prompt`); the original text then travels unchanged, so tools, response_format, logprobs,
+stop, seed and stream_options reach llama-server exactly as sent. Embedding bodies are read
+fully, because the router takes their inputs as typed lists.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from clients import GenerateKind
+from facade.errors import ApiError
+
+__all__ = [
+    "EmbeddingRequest",
+    "EncodingFormat",
+    "GenerationRequest",
+    "parse_embedding_request",
+    "parse_generation_request",
+]
+
+EncodingFormat = Literal["float", "base64"]
+
+# Token ids travel as int32 in EmbedRequest.
+_MAX_TOKEN_ID = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A validated chat or text completion: the routing fields, and the body as received."""
+
+    model: str
+    stream: bool
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """A validated embeddings request: texts or token id lists, never both."""
+
+    model: str
+    inputs: list[str] | list[list[int]]
+    encoding_format: EncodingFormat
+
+
+def _invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _invalid(
+            f"the request body is not valid JSON: {error.msg} (line {error.lineno}, "
+            f"column {error.colno})"
+        ) from None
+    if not isinstance(body, dict):
+        raise _invalid("the request body must be a JSON object")
+    return body
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if model is None or model == "":
+        raise _invalid("you must provide a model parameter", "model")
+    if not isinstance(model, str):
+        raise _invalid("'model' must be a string", "model")
+    return model
+
+
+def _stream(body: dict[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _invalid("'stream' must be a boolean", "stream")
+    return stream
+
+
+def parse_generation_request(text: str, kind: GenerateKind) -> GenerationRequest:
+    """Check a chat (`kind` "chat") or text completion body; `ApiError` 400 names the field."""
+    body = _json_object(text)
+    model, stream = _model(body), _stream(body)
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _invalid("'messages' must be a non-empty array", "messages")
+        if not all(isinstance(message, dict) for message in messages):
+            raise _invalid("every item of 'messages' must be an object", "messages")
+    elif body.get("prompt") is None:
+        raise _invalid("you must provide a prompt parameter", "prompt")
+    return GenerationRequest(model, stream, text)
+
+
+def parse_embedding_request(text: str) -> EmbeddingRequest:
+    """Check an embeddings body: `input` is a string, strings, token ids or token id lists."""
+    body = _json_object(text)
+    model = _model(body)
+    encoding_format = body.get("encoding_format", "float")
+    if encoding_format not in ("float", "base64"):
+        raise _invalid("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    return EmbeddingRequest(model, _inputs(body.get("input")), encoding_format)
+
+
+def _inputs(value: object) -> list[str] | list[list[int]]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _invalid(
+            "'input' must be a non-empty string, array of strings, array of token ids or "
+            "array of token id arrays",
+            "input",
+        )
+    if all(isinstance(item, str) for item in value):
+        if not all(value):
+            raise _invalid("'input' must not contain empty strings", "input")
+        return value
+    if all(_is_token_id(item) for item in value):
+        return [value]
+    if all(isinstance(item, list) and item and all(map(_is_token_id, item)) for item in value):
+        return value
+    raise _invalid(
+        "'input' items must all be strings, all token ids (integers), or all non-empty arrays "
+        "of token ids",
+        "input",
+    )
+
+
+def _is_token_id(value: object) -> bool:
+    # bool is an int subclass; JSON true is not a token id.
+    return type(value) is int and 0 <= value <= _MAX_TOKEN_ID
