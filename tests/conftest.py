@@ -3,8 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from router.embedded.demo import ensure_demo_models, ensure_model
 
+from router.embedded.demo import ensure_demo_models, ensure_model
 from tests.helpers import CACHE
 
 
