@@ -232,7 +232,7 @@ async def test_force_unload_fails_in_flight_requests(tmp_path: Path, fake, fake_
 async def test_hung_child_is_replaced(tmp_path: Path, fake, fake_model) -> None:
     settings = settings_for(
         tmp_path,
-        {"m": fake_model(tmp_path, "m")},
+        {"m": fake_model(tmp_path, "m"), "bystander": fake_model(tmp_path, "bystander")},
         system={
             "llama_server_path": fake("--token-delay 0.01"),
             "request_timeout_sec": 1.0,
@@ -243,7 +243,9 @@ async def test_hung_child_is_replaced(tmp_path: Path, fake, fake_model) -> None:
     )
     async with running_router(settings) as (router, client):
         await client.load("m")
+        await client.load("bystander")
         pid = router.pool.get("m").child.pid  # type: ignore[union-attr]
+        bystander_pid = router.pool.get("bystander").child.pid  # type: ignore[union-attr]
         stopped = False
         started = 0.0
         with pytest.raises((DeadlineExceededError, UnavailableError)) as caught:
@@ -251,6 +253,8 @@ async def test_hung_child_is_replaced(tmp_path: Path, fake, fake_model) -> None:
                 if isinstance(event, Chunk) and not stopped:
                     os.kill(pid, signal.SIGSTOP)
                     stopped, started = True, time.monotonic()
+                    # Other models serve normally while this one hangs.
+                    assert isinstance((await drain(client, "bystander"))[-1], End)
         assert time.monotonic() - started < 3
         assert isinstance(caught.value, RouterError)
         await wait_until(lambda: not pid_alive(pid), 5)
@@ -258,6 +262,7 @@ async def test_hung_child_is_replaced(tmp_path: Path, fake, fake_model) -> None:
         assert isinstance(events[-1], End)
         health = router.pool.liveness.record("m")
         assert health.replacements == 1
+        assert router.pool.get("bystander").child.pid == bystander_pid  # type: ignore[union-attr]
 
 
 async def test_queue_full_is_rejected_with_retry_hint(tmp_path: Path, fake, fake_model) -> None:
@@ -352,3 +357,24 @@ async def test_model_file_deleted_or_corrupted_after_start(tmp_path: Path, tiny_
         with pytest.raises(UnavailableError) as deleted:
             await drain(client, "m")
         assert "does not exist" in deleted.value.message
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_at_once(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": {**fake_model(tmp_path, "m"), "params": {"n_ctx": 131072, "parallel_override": 1}}},
+        system={"llama_server_path": fake("--token-delay 0.01")},
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("m")
+        queue = router.pool.get("m").queue
+        running = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": 200}))
+        await wait_until(lambda: queue.running == 1, 5)
+        waiting = asyncio.create_task(drain(client, "m"))
+        await wait_until(lambda: queue.waiting == 1, 5)
+        waiting.cancel()
+        await wait_until(lambda: queue.waiting == 0, 0.5)
+        assert queue.counters.total_cancelled == 1
+        await running
