@@ -393,7 +393,13 @@ class Supervisor:
         return ticket
 
     def open_lease(self) -> Lease:
-        assert self._upstream is not None and self.state is S.READY
+        """A lease for a granted waiter; the model may have gone since the grant."""
+        if self._upstream is None or self.state is not S.READY:
+            raise Unavailable(
+                f"model '{self.alias}' stopped before the request could start",
+                reason=errors_pb2.ERROR_REASON_MODEL_CRASHED,
+                retry_after=1.0,
+            )
         lease = Lease(self, self._upstream)
         self._leases.add(lease)
         return lease
