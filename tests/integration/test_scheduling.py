@@ -239,3 +239,33 @@ async def test_best_fit_placement_across_gpus(tmp_path: Path, tiny_chat: Path) -
         await client.load("large")
         devices = {m.alias: m.device for m in (await client.list_models()).models}
     assert devices == {"small": "gpu:1", "large": "gpu:2"}
+
+
+async def test_one_load_at_a_time_per_device_without_blocking_ready_models(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {
+            "ready": chat_model(tiny_chat),
+            "slow1": chat_model(tiny_chat),
+            "slow2": chat_model(tiny_chat),
+        },
+        system={"llama_server_path": fake_server(tmp_path, "--load-delay 0.6")},
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("ready")
+        states: list[tuple[str, str]] = []
+        watcher = asyncio.create_task(record_states(client, states))
+        await asyncio.sleep(0.05)
+        loads = [asyncio.create_task(client.load(m)) for m in ("slow1", "slow2")]
+        await wait_until(lambda: router.pool.get("slow1").state.value != "stopped", 5)
+        started = time.monotonic()
+        events = await run(client, "ready", 4)  # a ready model is not held up by loads
+        assert isinstance(events[-1], End) and time.monotonic() - started < 0.5
+        await asyncio.gather(*loads)
+        watcher.cancel()
+    order = [(alias, state) for alias, state in states if alias.startswith("slow")]
+    first_ready = next(i for i, (_, state) in enumerate(order) if state == "ready")
+    starts_before = [a for a, state in order[:first_ready] if state == "starting"]
+    assert len(starts_before) == 1, order  # the second spawn waited for the first to be ready
