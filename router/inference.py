@@ -32,7 +32,8 @@ from router.errors import (
 )
 from router.pool.pool import Pool
 from router.pool.snapshot import LoadStage, ModelKind
-from router.pool.supervisor import Lease, Supervisor, Ticket
+from router.pool.supervisor import Supervisor
+from router.pool.ticket import Lease, Ticket
 from router.pool.upstream import Upstream, UpstreamBroken, UpstreamHTTPError, UpstreamTimeout
 from router.scheduler.queue import Priority
 from router.telemetry.records import OutcomeObserver, RequestOutcome

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,16 +42,14 @@ from router.pool.process import ChildExited, ChildProcess, LogRing, ReadyTimeout
 from router.pool.registry import ChildRegistry
 from router.pool.snapshot import LoadStage, ModelKind, ModelSnapshot
 from router.pool.state import LIVE_STATES, ModelState, check_transition
+from router.pool.ticket import Lease, Ticket, as_router_error
 from router.pool.upstream import Upstream
 from router.resources.estimate import MemoryEstimate, estimate_memory, read_gguf
-from router.scheduler.queue import Priority, SlotQueue, Waiter
+from router.scheduler.queue import Priority, SlotQueue
 from router.v1 import errors_pb2
 
 _LOGGER = logging.getLogger(__name__)
 S = ModelState
-
-# How often a waiting request re-reports its queue position.
-POSITION_REPORT_SEC = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,117 +123,6 @@ class LoadError(Exception):
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.summary)
         self.failure = failure
-
-
-class Lease:
-    """A slot on a READY child for one request; ``abort`` ends it from outside."""
-
-    __slots__ = ("_supervisor", "abort_error", "response", "upstream")
-
-    def __init__(self, supervisor: Supervisor, upstream: Upstream) -> None:
-        self._supervisor = supervisor
-        self.upstream = upstream
-        self.response: aiohttp.ClientResponse | None = None
-        self.abort_error: RouterError | None = None
-
-    def abort(self, error: RouterError) -> None:
-        if self.abort_error is None:  # the first cause is the one the caller sees
-            self.abort_error = error
-        if self.response is not None:
-            self.response.close()
-
-
-class Ticket:
-    """A request's place with one model: waiting, then (once granted) a lease."""
-
-    def __init__(self, supervisor: Supervisor, waiter: Waiter) -> None:
-        self._supervisor = supervisor
-        self._waiter = waiter
-        self._lease: Lease | None = None
-        self._closed = False
-        self.load_wait_sec = 0.0
-        self.queue_wait_sec = 0.0
-
-    @property
-    def lease(self) -> Lease:
-        assert self._lease is not None, "progress() has not finished"
-        return self._lease
-
-    async def progress(self) -> AsyncIterator[tuple[int, int] | LoadStage]:
-        """Wait for a slot; yield (position, length) and load stages on the way.
-
-        Raises the load's error if the load this ticket waits for fails, and
-        DeadlineExceeded after queue_timeout_sec spent waiting while the model
-        was not loading (a load has its own bound, wait_ready_sec).
-        """
-        sup = self._supervisor
-        waiter = self._waiter
-        budget = sup.settings.queue_timeout_sec
-        last_position: tuple[int, int] | None = None
-        last_stage: LoadStage | None = None
-        awaited: asyncio.Task[None] | None = None  # the load this ticket waits for
-        checkpoint = time.monotonic()
-        while not waiter.granted.done():
-            if awaited is not None and awaited.done():
-                if not awaited.cancelled() and awaited.exception() is not None:
-                    raise _as_router_error(awaited.exception())
-                awaited = None
-            awaited = sup.ensure_loading() or awaited
-            if awaited is None and sup.state is S.FAILED:
-                raise sup.circuit_error()
-            position = (sup.queue.position(waiter), sup.queue.waiting)
-            if position != last_position and position[0] > 0:
-                last_position = position
-                yield position
-            stage = sup.load_stage
-            if stage is not last_stage and stage is not LoadStage.NONE:
-                last_stage = stage
-                yield stage
-            loading = awaited is not None
-            waits: set[asyncio.Future[Any]] = {waiter.granted, sup.changed()}
-            if awaited is not None:
-                waits.add(awaited)
-            timeout = POSITION_REPORT_SEC if loading else min(POSITION_REPORT_SEC, budget)
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            now = time.monotonic()
-            if loading:
-                self.load_wait_sec += now - checkpoint
-            else:
-                budget -= now - checkpoint
-                self.queue_wait_sec += now - checkpoint
-                if budget <= 0 and not waiter.granted.done():
-                    sup.queue.leave(waiter, timed_out=True)
-                    self._closed = True
-                    sup.on_waiter_left()
-                    raise DeadlineExceeded(
-                        f"waited more than {sup.settings.queue_timeout_sec:g} s for the model",
-                        reason=errors_pb2.ERROR_REASON_QUEUE_TIMEOUT,
-                    )
-            checkpoint = now
-        waiter.granted.result()  # raises what fail_waiting set (forced unload, shutdown)
-        self._lease = sup.open_lease()
-        if last_stage is not None:
-            yield LoadStage.READY
-
-    def close(self) -> None:
-        """Leave the queue or give the slot back. Idempotent; safe in ``finally``."""
-        if self._closed:
-            return
-        self._closed = True
-        sup = self._supervisor
-        if self._lease is not None:
-            sup.close_lease(self._lease)
-        elif self._waiter.granted.done() and not self._waiter.granted.exception():
-            sup.queue.release()  # granted but cancelled before it could start
-        else:
-            sup.queue.leave(self._waiter)
-            sup.on_waiter_left()
-
-
-def _as_router_error(error: BaseException | None) -> RouterError:
-    if isinstance(error, RouterError):
-        return error
-    return Unavailable("the model could not be loaded", retry_after=5.0)
 
 
 class Supervisor:
@@ -470,7 +357,7 @@ class Supervisor:
                 waits.add(task)
             await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             if task is not None and task.done() and not task.cancelled() and task.exception():
-                raise _as_router_error(task.exception())
+                raise as_router_error(task.exception())
             if self.state is S.FAILED:
                 raise self.circuit_error()
 
