@@ -252,6 +252,10 @@ class Supervisor:
             self.load_stage = LoadStage.NONE
         self.queue.set_capacity(self.settings.spec.slots if target is S.READY else 0)
         self._announce()
+        if target is S.READY and not self.busy:
+            # Loading, this model could not be evicted; ready with nobody waiting (its callers
+            # left during the load), it can: a load waiting for room must hear of it now.
+            self._ctx.admission.notify()
 
     def set_stage(self, stage: LoadStage) -> None:
         if stage is not self.load_stage:
@@ -293,9 +297,13 @@ class Supervisor:
 
     def close_lease(self, lease: Lease) -> None:
         self._leases.discard(lease)
-        self.queue.release()
         self.last_used = time.monotonic()
         self._last_used_wall = time.time()
+        self.release_slot()
+
+    def release_slot(self) -> None:
+        """Give back a granted slot (its request ended, or its caller left before it started)."""
+        self.queue.release()
         if not self.busy:
             self._ctx.admission.notify()
             self._arm_idle_timer()
@@ -457,12 +465,15 @@ class Supervisor:
             self.set_stage(LoadStage.SPAWNING)
             started = time.monotonic()
             env = {**self._ctx.base_env, **device_env(self.device), **self.settings.env}
-            child = await ChildProcess.spawn(
-                argv, port=port, env=env, log=self.log, name=self.alias
-            )
-            self._child = child
-            await asyncio.to_thread(self._ctx.registry.record, self.alias, child.pid)
+            # Everything from the spawn on is inside the try: a cancellation (a forced unload)
+            # at any await must stop the child and leave STARTING, or the model stays STARTING
+            # for good with its room released (and its child running, if it had one).
             try:
+                child = await ChildProcess.spawn(
+                    argv, port=port, env=env, log=self.log, name=self.alias
+                )
+                self._child = child
+                await asyncio.to_thread(self._ctx.registry.record, self.alias, child.pid)
                 await child.wait_ready(
                     self._ctx.session, self.settings.wait_ready_sec, self._on_loading
                 )

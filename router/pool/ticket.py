@@ -128,7 +128,7 @@ class Ticket:
         if self._lease is not None:
             sup.close_lease(self._lease)
         elif self._waiter.granted.done() and not self._waiter.granted.exception():
-            sup.queue.release()  # granted but cancelled before it could start
+            sup.release_slot()  # granted but cancelled before it could start
         else:
             sup.queue.leave(self._waiter)
             sup.on_waiter_left()
