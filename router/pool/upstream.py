@@ -1,7 +1,8 @@
 """HTTP to one llama-server child: streamed SSE, plain JSON calls, health probes.
 
-Streaming reads whatever bytes are buffered (``iter_any``), so when the router
-falls behind, several upstream events come back from one read and travel in
+A stream is read in batches (``EventReader``): each batch is every event that
+arrived since the last one, so when the router falls behind, or holds a stream
+back on purpose (see ``router.inference``), several upstream events travel in
 one gRPC message. Silence longer than ``request_timeout`` ends the request
 (aiohttp's ``sock_read`` timeout is exactly "no bytes for that long").
 """
@@ -9,7 +10,7 @@ one gRPC message. Silence longer than ``request_timeout`` ends the request
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
 
 import aiohttp
 
@@ -63,6 +64,66 @@ class SSEParser:
         return payloads
 
 
+class EventReader:
+    """The SSE payloads of one streamed response, in batches of whatever has arrived."""
+
+    __slots__ = ("_content", "_ended", "_parser", "_waiter")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._content = response.content
+        self._parser = SSEParser()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+        self._content.on_eof(self._on_eof)
+
+    def _on_eof(self) -> None:
+        self._ended = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def batch(self, hold_until: float = 0.0) -> list[bytes]:
+        """The payloads that arrived since the last batch (waiting for one); [] after [DONE].
+
+        Before ``hold_until`` (a ``time.monotonic()`` value) nothing is returned: what
+        arrives meanwhile accumulates (without waking this task per chunk) and leaves as
+        one batch then. The end of the response cuts that wait short.
+        """
+        parser = self._parser
+        if parser.done:
+            return []
+        content = self._content
+        try:
+            delay = hold_until - time.monotonic()
+            if delay > 0 and not self._ended:
+                await self._hold(delay)
+            while True:
+                data = content.read_nowait() or await content.readany()
+                if not data:
+                    raise UpstreamBroken("stream ended before [DONE]")
+                payloads = parser.feed(data)
+                if payloads or parser.done:
+                    return payloads
+        except asyncio.TimeoutError as error:
+            raise UpstreamTimeout() from error
+        except aiohttp.ClientError as error:
+            raise UpstreamBroken(str(error)) from error
+
+    async def _hold(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class Upstream:
     """Calls to one child at 127.0.0.1:``port`` with its API key."""
 
@@ -96,24 +157,6 @@ class Upstream:
                 response.release()
             raise UpstreamHTTPError(response.status, payload)
         return response
-
-    @staticmethod
-    async def iter_events(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
-        """Yield lists of SSE payloads as they arrive, until ``[DONE]`` or EOF."""
-        parser = SSEParser()
-        try:
-            async for data in response.content.iter_any():
-                payloads = parser.feed(data)
-                if payloads:
-                    yield payloads
-                if parser.done:
-                    return
-        except asyncio.TimeoutError as error:
-            raise UpstreamTimeout() from error
-        except aiohttp.ClientError as error:
-            raise UpstreamBroken(str(error)) from error
-        if not parser.done:
-            raise UpstreamBroken("stream ended before [DONE]")
 
     async def post(self, path: str, body: bytes) -> bytes:
         """POST and return the 200 body; UpstreamHTTPError otherwise."""

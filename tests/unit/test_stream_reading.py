@@ -1,0 +1,133 @@
+"""The streamed hot path: chunk text without full parsing, and batches read from upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.pytest_plugin import AiohttpServer
+
+from router.inference import CHAT, COMPLETION, _Tally
+from router.pool.upstream import EventReader, UpstreamBroken
+
+ENVELOPE = '"created":1,"id":"chatcmpl-x","model":"m","system_fingerprint":"b0","object":"o"'
+CHAT_CHUNKS = [
+    # llama-server's text-only chunk: read without a full parse.
+    '{"choices":[{"finish_reason":null,"index":0,"delta":{"content":" moon"}}],' + ENVELOPE + "}",
+    # Escapes, and text that spells keys the fast path looks for.
+    '{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"a\\"usage\\": \\u00e9\\n"}}],'
+    + ENVELOPE
+    + "}",
+    '{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"\\"}}],"}}],' + ENVELOPE + "}",
+    # Everything else goes through json.loads.
+    '{"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}],'
+    + ENVELOPE
+    + "}",
+    '{"choices":[{"finish_reason":null,"index":0,"delta":{"content":" left"},"logprobs":'
+    '{"content":[{"id":5,"token":" left","logprob":-1.0}]}}],' + ENVELOPE + "}",
+    '{"choices":[{"finish_reason":null,"index":0,"delta":{"content":" x"}}],'
+    + ENVELOPE
+    + ',"timings":{"predicted_n":3}}',
+    '{"choices":[{"finish_reason":"length","index":0,"delta":{}}],' + ENVELOPE + "}",
+    '{"choices":[],' + ENVELOPE + ',"usage":{"completion_tokens":3,"prompt_tokens":2,'
+    '"total_tokens":5,"prompt_tokens_details":{"cached_tokens":1}},"timings":{"cache_n":1}}',
+]
+COMPLETION_CHUNKS = [
+    '{"choices":[{"text":" day","index":0,"logprobs":null,"finish_reason":null}],' + ENVELOPE + "}",
+    '{"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"length"}],'
+    + ENVELOPE
+    + ',"usage":{"completion_tokens":1,"prompt_tokens":3,"total_tokens":4}}',
+]
+
+
+@pytest.mark.parametrize(("kind", "chunks"), [(CHAT, CHAT_CHUNKS), (COMPLETION, COMPLETION_CHUNKS)])
+def test_streamed_chunks_read_like_a_full_parse(kind: str, chunks: list[str]) -> None:
+    fast, full = _Tally(), _Tally()
+    for chunk in chunks:
+        assert fast.read_streamed(chunk, kind) == full.read(json.loads(chunk), kind)
+    assert fast.finish_reason == full.finish_reason != ""
+    assert fast.usage_counts() == full.usage_counts()
+
+
+@pytest.mark.parametrize("text", ['"x', '"\\q"'])
+def test_text_that_is_no_json_string_is_an_error(text: str) -> None:
+    head = '{"choices":[{"finish_reason":null,"index":0,"delta":{"content":'
+    with pytest.raises(ValueError):
+        _Tally().read_streamed(head + text + "}}]," + ENVELOPE + "}", CHAT)
+
+
+Script = Callable[[web.StreamResponse], Coroutine[Any, Any, None]]
+
+
+@pytest.fixture
+async def stream_from(aiohttp_server: AiohttpServer) -> AsyncIterator[Callable[[Script], Any]]:
+    """Open a streamed response whose body `script` writes."""
+    async with aiohttp.ClientSession() as session:
+        responses: list[aiohttp.ClientResponse] = []
+
+        async def open_stream(script: Script) -> aiohttp.ClientResponse:
+            async def handler(request: web.Request) -> web.StreamResponse:
+                response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await response.prepare(request)
+                await script(response)
+                return response
+
+            app = web.Application()
+            app.router.add_get("/", handler)
+            server = await aiohttp_server(app)
+            response = await session.get(server.make_url("/"))
+            responses.append(response)
+            return response
+
+        yield open_stream
+        for response in responses:
+            response.close()
+
+
+async def test_batches_hold_what_arrives_until_asked_and_the_end_cuts_the_hold_short(
+    stream_from: Callable[[Script], Any],
+) -> None:
+    async def script(response: web.StreamResponse) -> None:
+        await response.write(b"data: a\n\n")
+        for name in (b"b", b"c"):
+            await asyncio.sleep(0.03)
+            await response.write(b"data: " + name + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+
+    reader = EventReader(await stream_from(script))
+    assert await reader.batch() == [b"a"]
+    started = time.monotonic()
+    # Held far beyond the stream's end: b and c come together once the response ends.
+    assert await reader.batch(hold_until=started + 5.0) == [b"b", b"c"]
+    assert time.monotonic() - started < 1.0
+    assert await reader.batch() == []
+
+
+async def test_without_a_hold_each_batch_is_what_had_arrived(
+    stream_from: Callable[[Script], Any],
+) -> None:
+    async def script(response: web.StreamResponse) -> None:
+        await response.write(b"data: a\n\ndata: b\n\n")
+        await asyncio.sleep(0.03)
+        await response.write(b": keep-alive\n\ndata: c\n\ndata: [DONE]\n\n")
+
+    reader = EventReader(await stream_from(script))
+    assert await reader.batch() == [b"a", b"b"]
+    assert await reader.batch() == [b"c"]
+    assert await reader.batch() == []
+
+
+async def test_a_stream_ending_before_done_is_broken(stream_from: Callable[[Script], Any]) -> None:
+    async def script(response: web.StreamResponse) -> None:
+        await response.write(b"data: a\n\n")
+
+    reader = EventReader(await stream_from(script))
+    assert await reader.batch() == [b"a"]
+    with pytest.raises(UpstreamBroken):
+        await reader.batch(hold_until=time.monotonic() + 5.0)
