@@ -35,7 +35,7 @@ from router.status import FullStatus, ServerSnapshot, ServerState, StatusHub
 from router.telemetry.metrics import RouterMetrics
 from router.telemetry.status_file import StatusFileWriter
 from router.telemetry.summary import RollingSummary
-from router.telemetry.tracing import setup_tracing
+from router.telemetry.tracing import CancelledCallInterceptor, setup_tracing
 from router.v1 import (
     inference_service_pb2,
     inference_service_pb2_grpc,
@@ -153,7 +153,9 @@ class Router:
         if self._tracer_provider is not None:
             from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-            interceptors.insert(0, aio_server_interceptor())  # type: ignore[no-untyped-call]
+            otel = aio_server_interceptor()  # type: ignore[no-untyped-call]
+            # Inside OpenTelemetry's, within its span: records the calls that end early.
+            interceptors[:0] = [otel, CancelledCallInterceptor()]
         body_limit = self.settings.api.max_body_bytes + _MESSAGE_OVERHEAD
         server = grpc.aio.server(
             interceptors=interceptors,

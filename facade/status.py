@@ -1,0 +1,244 @@
+"""The seed's monitoring routes: `GET /metrics/stream` and `GET /v1/models/status/file`.
+
+`/metrics/stream` is SSE: an `event: metrics` at once and then every `METRICS_INTERVAL_SEC`, a
+snapshot built from three read-only RPCs (ListModels, GetTelemetrySummary, GetResources; none
+loads a model or touches an idle timer)::
+
+    event: metrics
+    data: {"timestamp": "...Z", "server": {...}, "devices": [...], "models": [...],
+           "totals": {...}, "window_sec": 60.0}
+
+While the router does not answer, an `event: heartbeat` takes the snapshot's place
+(`{"timestamp", "router_connected": false, "error"}`), so the stream outlives a router restart
+(an EventSource would not reconnect after an HTTP error). A key the router refuses is the
+HTTP answer (401/403) instead, since the stream could never show anything.
+
+`/v1/models/status/file` serves the router's `model_status.json` (`telemetry.model_status_path`)
+as written, also while the router is down. With API keys configured, the caller's key must be
+one the router accepts for ListModels, which shows the same facts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Final, TypeVar
+
+from aiohttp import web
+
+from clients import AuthenticationError, PermissionDeniedError, RouterError, map_rpc_errors
+from facade.bridge import message_json
+from facade.context import call_metadata
+from facade.errors import ApiError, from_router_error
+from facade.keys import CLIENT, SETTINGS, STREAMS
+from facade.sse import bridge_error_frame, event_frame
+from router.v1 import model_control_service_pb2, model_pb2
+
+__all__ = ["METRICS_INTERVAL_SEC", "openapi_paths", "setup_routes"]
+
+_LOGGER = logging.getLogger(__name__)
+
+METRICS_INTERVAL_SEC = 2.0
+# Each RPC of a snapshot; a snapshot is late by at most this much.
+_RPC_TIMEOUT_SEC = 1.5
+STREAM_ROUTE: Final = "/metrics/stream"
+FILE_ROUTE: Final = "/v1/models/status/file"
+_STATE_PREFIX = "MODEL_STATE_"
+_SERVER_STATE_PREFIX = "SERVER_STATE_"
+_KIND_PREFIX = "MODEL_KIND_"
+_T = TypeVar("_T")
+
+
+def setup_routes(app: web.Application) -> None:
+    """Mount both routes on `app`."""
+    app.router.add_route("GET", STREAM_ROUTE, metrics_stream)
+    app.router.add_route("GET", FILE_ROUTE, status_file)
+
+
+async def metrics_stream(request: web.Request) -> web.StreamResponse:
+    """SSE of periodic snapshots (see the module docstring)."""
+    metadata = call_metadata(request)
+    first = await _event(request, metadata)  # before the headers: a refused key is a 401/403
+    async with request.app[STREAMS].open(request, bridge_error_frame) as stream:
+        await stream.write(first)
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL_SEC)
+            await stream.write(await _event(request, metadata))
+    return stream.response  # after shutdown ended the stream with its error event
+
+
+async def _event(request: web.Request, metadata: tuple[tuple[str, str], ...]) -> bytes:
+    """A `metrics` frame, or a `heartbeat` one while the router does not answer."""
+    try:
+        document = await _snapshot(request, metadata)
+    except (AuthenticationError, PermissionDeniedError):
+        raise
+    except RouterError as error:
+        heartbeat = {
+            "timestamp": _now(),
+            "router_connected": False,
+            "error": from_router_error(error).message,
+        }
+        return event_frame("heartbeat", json.dumps(heartbeat, separators=(",", ":")))
+    return event_frame("metrics", json.dumps(document, separators=(",", ":")))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+async def _snapshot(request: web.Request, metadata: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """One `metrics` event: server, devices, per-model state and figures, totals."""
+    control = request.app[CLIENT].control
+    calls = (
+        control.ListModels(
+            model_control_service_pb2.ListModelsRequest(),
+            metadata=metadata,
+            timeout=_RPC_TIMEOUT_SEC,
+        ),
+        control.GetTelemetrySummary(
+            model_control_service_pb2.GetTelemetrySummaryRequest(),
+            metadata=metadata,
+            timeout=_RPC_TIMEOUT_SEC,
+        ),
+        control.GetResources(
+            model_control_service_pb2.GetResourcesRequest(),
+            metadata=metadata,
+            timeout=_RPC_TIMEOUT_SEC,
+        ),
+    )
+    # Wait for all three, so none is left running (or failing unobserved) after an error.
+    models, summary, resources = await asyncio.gather(*calls, return_exceptions=True)
+    with map_rpc_errors():
+        return _document(_unwrap(models), _unwrap(summary), _unwrap(resources))
+
+
+def _unwrap(result: _T | BaseException) -> _T:
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _document(
+    models: model_control_service_pb2.ListModelsResponse,
+    summary: model_control_service_pb2.GetTelemetrySummaryResponse,
+    resources: model_control_service_pb2.GetResourcesResponse,
+) -> dict[str, Any]:
+    server = models.server
+    started = server.started_at.ToSeconds() if server.HasField("started_at") else 0
+    return {
+        "timestamp": _now(),
+        "server": {
+            "status": _name(model_pb2.ServerState.Name(server.state), _SERVER_STATE_PREFIX),
+            "version": server.version,
+            "epoch": server.epoch,
+            "cpu_mode": server.cpu_mode,
+            "uptime_seconds": round(time.time() - started, 3) if started else 0.0,
+        },
+        "devices": [message_json(device) for device in resources.devices],
+        "models": [_model(model, summary.per_model.get(model.alias)) for model in models.models],
+        "totals": message_json(summary.total),
+        "window_sec": summary.window_sec,
+    }
+
+
+def _model(
+    model: model_pb2.Model, stats: model_control_service_pb2.TelemetryStats | None
+) -> dict[str, Any]:
+    figures = message_json(stats or model_control_service_pb2.TelemetryStats())
+    return {
+        "alias": model.alias,
+        "status": _name(model_pb2.ModelState.Name(model.state), _STATE_PREFIX),
+        "kind": _name(model_pb2.ModelKind.Name(model.kind), _KIND_PREFIX),
+        "port": model.port,
+        "device": model.device,
+        "slots": model.slots,
+        "in_flight": model.in_flight,
+        "queued": model.queued,
+        "memory_mib": model.memory_measured_mib or model.memory_estimate_mib,
+        **figures,
+    }
+
+
+def _name(enum_name: str, prefix: str) -> str:
+    return enum_name.removeprefix(prefix).lower()
+
+
+async def status_file(request: web.Request) -> web.Response:
+    """`model_status.json` as the router last wrote it; 404 when not configured or not written."""
+    settings = request.app[SETTINGS]
+    path = settings.telemetry.model_status_path
+    if path is None:
+        raise ApiError(404, "no status file is configured (telemetry.model_status_path)")
+    if settings.auth.api_keys:
+        with map_rpc_errors():
+            await request.app[CLIENT].control.ListModels(
+                model_control_service_pb2.ListModelsRequest(),
+                metadata=call_metadata(request),
+                timeout=_RPC_TIMEOUT_SEC,
+            )
+    try:
+        body = await asyncio.to_thread(path.read_bytes)
+    except FileNotFoundError:
+        raise ApiError(404, "the status file has not been written yet") from None
+    except OSError as error:
+        _LOGGER.error("cannot read the status file %s: %s", path, error.strerror)
+        raise ApiError(503, "the status file cannot be read", type="server_error") from None
+    return web.Response(body=body, content_type="application/json")
+
+
+# One event of the stream, as OpenAPI before 3.2 describes a `text/event-stream` response.
+_STREAM_EVENT: Final = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["metrics", "heartbeat", "error"]},
+        "data": {"type": "string"},
+    },
+}
+
+
+def openapi_paths() -> dict[str, dict[str, Any]]:
+    """The OpenAPI description of both routes."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    return {
+        STREAM_ROUTE: {
+            "get": {
+                "operationId": "metricsStream",
+                "tags": ["monitoring"],
+                "summary": "Server-sent `metrics` snapshots every 2 s (`heartbeat` while the "
+                "router does not answer)",
+                "responses": {
+                    "200": {
+                        "description": "An endless event stream",
+                        "content": {"text/event-stream": {"schema": _STREAM_EVENT}},
+                    },
+                    "401": {"description": "Missing or bad API key", "content": error},
+                    "403": {"description": "The key lacks the scope", "content": error},
+                },
+            }
+        },
+        FILE_ROUTE: {
+            "get": {
+                "operationId": "modelStatusFile",
+                "tags": ["monitoring"],
+                "summary": "model_status.json as the router last wrote it",
+                "responses": {
+                    "200": {
+                        "description": "The file: {server: {...}, models: {alias: {...}}}",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "401": {"description": "Missing or bad API key", "content": error},
+                    "403": {"description": "The key lacks the scope", "content": error},
+                    "404": {"description": "Not configured, or not written yet", "content": error},
+                    "503": {
+                        "description": "Unreadable, or the router cannot check the key",
+                        "content": error,
+                    },
+                },
+            }
+        },
+    }
