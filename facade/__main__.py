@@ -6,17 +6,23 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
 from facade.app import create_app
+from facade.tls import server_ssl_context
 from router.config import ConfigError, Settings, load_settings
+from router.logs import setup_logging
+from router.telemetry.tracing import setup_tracing
 
 _LOGGER = logging.getLogger("facade")
 # Streams are ended on shutdown, so what is left to wait for is short requests.
 _SHUTDOWN_TIMEOUT_SEC = 5.0
+# Spans still buffered at exit get this long to reach an unreachable collector.
+_TRACE_FLUSH_TIMEOUT_MS = 5000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,14 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then stop gracefully.
+async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully (over HTTPS with `ssl_context`).
 
     This is `web.run_app` minus its signal handling: run_app raises on every signal, so a
     second one (Ctrl-C, then `make run` sending TERM) would cut the graceful stop short.
     """
+    tracer_provider = setup_tracing("routermodel-facade", settings.telemetry.otlp_endpoint)
     runner = web.AppRunner(
-        create_app(settings),
+        create_app(settings, tracer_provider=tracer_provider),
         handler_cancellation=True,  # a client that disconnects cancels its router call
         shutdown_timeout=_SHUTDOWN_TIMEOUT_SEC,
         # One line per request is noise at thousands of requests a second; DEBUG turns it on.
@@ -47,8 +54,10 @@ async def serve(settings: Settings) -> None:
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.api.host, settings.api.port).start()
-        _LOGGER.info("facade serving on http://%s:%d", settings.api.host, settings.api.port)
+        site = web.TCPSite(runner, settings.api.host, settings.api.port, ssl_context=ssl_context)
+        await site.start()
+        scheme = "http" if ssl_context is None else "https"
+        _LOGGER.info("facade serving on %s://%s:%d", scheme, settings.api.host, settings.api.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -57,20 +66,33 @@ async def serve(settings: Settings) -> None:
         _LOGGER.info("facade stopping")
     finally:
         await runner.cleanup()
+        if tracer_provider is not None:
+            await asyncio.to_thread(tracer_provider.force_flush, _TRACE_FLUSH_TIMEOUT_MS)
+            await asyncio.to_thread(tracer_provider.shutdown)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         settings = load_settings(args.config)
-        settings.check_listen_safety(args.insecure_listen)
+        exposed = settings.check_listen_safety(args.insecure_listen)
     except ConfigError as error:
         sys.exit(f"facade: configuration error:\n{error}")
-    logging.basicConfig(
-        level=logging.DEBUG if settings.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    asyncio.run(serve(settings))
+    setup_logging(debug=settings.debug, structured=settings.telemetry.structured_logs)
+    if settings.debug:  # setup_logging quiets the access log, which DEBUG turns on here
+        logging.getLogger("aiohttp.access").setLevel(logging.INFO)
+    if exposed:
+        _LOGGER.warning(
+            "--insecure-listen: serving a non-loopback address with no API keys; anyone who "
+            "can reach it can use and manage every model"
+        )
+    ssl_context = None
+    if settings.api.tls is not None:
+        try:
+            ssl_context = server_ssl_context(settings.api.tls)
+        except (ssl.SSLError, OSError) as error:
+            sys.exit(f"facade: cannot use api.tls: {error}")
+    asyncio.run(serve(settings, ssl_context))
 
 
 if __name__ == "__main__":

@@ -5,18 +5,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
+from opentelemetry import trace
 
 from clients import RouterClient
-from facade import bridge, openai, openapi
+from facade import bridge, openai, openapi, status
 from facade.context import request_id
 from facade.cors import setup_cors
 from facade.errors import error_middleware
 from facade.health import health
-from facade.keys import CLIENT, SETTINGS, STREAMS
+from facade.keys import CLIENT, METRICS, SETTINGS, STREAMS
+from facade.metrics import FacadeMetrics, setup_metrics
 from facade.sse import StreamRegistry
+from facade.telemetry import client_interceptors, observing_middlewares
+from facade.tls import channel_credentials
 from router.config import GrpcConfig, Settings
 
-__all__ = ["create_app", "router_target"]
+__all__ = ["create_app", "router_metrics_url", "router_target"]
 
 # Idle seconds before an SSE response sends a `: keep-alive` comment (and, while the request
 # still waits for the model, its headers).
@@ -48,35 +52,53 @@ def router_target(grpc: GrpcConfig) -> str:
     return f"{host}:{grpc.port}"
 
 
+def router_metrics_url(settings: Settings) -> str | None:
+    """The router's /metrics; None when it serves none, or on a port the facade cannot know
+    (0: the router picks one)."""
+    port = settings.telemetry.metrics_port
+    if not port:
+        return None
+    host = router_target(settings.grpc).rsplit(":", 1)[0]
+    return f"http://{host}:{port}/metrics"
+
+
 def create_app(
     settings: Settings,
     *,
     client: RouterClient | None = None,
     keepalive_sec: float = DEFAULT_KEEPALIVE_SEC,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> web.Application:
-    """The facade for `settings`: OpenAI routes, the admin bridge, health and OpenAPI.
+    """The facade for `settings`: OpenAI routes, the admin bridge, health, monitoring, OpenAPI.
 
     `client` is used as given and left open (tests pass one to a fake router); without it the
-    app opens its own client to `settings.grpc` at startup and closes it at cleanup.
+    app opens its own client to `settings.grpc` at startup and closes it at cleanup. With
+    `tracer_provider`, requests and the router calls they make (on the app's own client) are
+    traced.
     """
+    metrics = FacadeMetrics()
     app = web.Application(
-        client_max_size=settings.api.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=settings.api.max_body_bytes,
+        middlewares=[*observing_middlewares(metrics, tracer_provider), error_middleware],
     )
     app[SETTINGS] = settings
+    app[METRICS] = metrics
     app[STREAMS] = StreamRegistry(keepalive_sec)
-    app.cleanup_ctx.append(_router_client(settings, client))
+    app.cleanup_ctx.append(_router_client(settings, client, tracer_provider))
     app.on_shutdown.append(_stop_streams)
     app.on_response_prepare.append(_echo_request_id)
     setup_cors(app, settings.api.cors_origins)
     openai.setup_routes(app)
     bridge.setup_routes(app)
     app.router.add_route("GET", "/health", health)
+    setup_metrics(app, metrics, router_metrics_url(settings))
+    status.setup_routes(app)
     openapi.setup_routes(app)
     return app
 
 
 def _router_client(
-    settings: Settings, given: RouterClient | None
+    settings: Settings, given: RouterClient | None, tracer_provider: trace.TracerProvider | None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         if given is not None:
@@ -84,12 +106,15 @@ def _router_client(
             yield
             return
         # No api_key: each call forwards its caller's own Authorization instead.
+        tls = settings.grpc.tls
         client = RouterClient(
             router_target(settings.grpc),
+            credentials=None if tls is None else channel_credentials(tls),
             max_message_bytes=max(
                 settings.api.max_body_bytes + _MESSAGE_OVERHEAD, _MAX_REPLY_BYTES
             ),
             options=_RECONNECT_OPTIONS,
+            interceptors=() if tracer_provider is None else client_interceptors(tracer_provider),
         )
         app[CLIENT] = client
         try:

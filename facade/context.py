@@ -15,6 +15,9 @@ __all__ = ["call_metadata", "priority", "read_body", "request_id"]
 
 _MAX_REQUEST_ID = 128
 _PRIORITIES: Final[dict[str, Priority]] = {"high": "high", "normal": "normal", "low": "low"}
+# The headers a caller's API key may come in (OpenAI SDKs send the first, Anthropic-style
+# clients and curl users often the second).
+_KEY_HEADERS: Final = ("Authorization", "x-api-key")
 
 
 def _visible_ascii(text: str) -> bool:
@@ -44,14 +47,20 @@ def priority(request: web.Request) -> Priority:
 
 
 def call_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata for the router: the request id and the caller's own Authorization."""
+    """gRPC metadata for the router: the request id and the caller's own key.
+
+    Both `Authorization` and `x-api-key` are forwarded as sent, in that order: the router
+    takes the first that carries a key, and alone decides what it may do.
+    """
     metadata: tuple[tuple[str, str], ...] = (("x-request-id", request_id(request)),)
-    authorization = request.headers.get("Authorization")
-    if authorization is not None:
+    for header in _KEY_HEADERS:
+        value = request.headers.get(header)
+        if value is None:
+            continue
         # gRPC refuses metadata values outside printable ASCII; say so instead of failing later.
-        if not all(" " <= char <= "~" for char in authorization):
-            raise ApiError(400, "the Authorization header must be printable ASCII")
-        metadata += (("authorization", authorization),)
+        if not all(" " <= char <= "~" for char in value):
+            raise ApiError(400, f"the {header} header must be printable ASCII")
+        metadata += ((header.lower(), value),)
     return metadata
 
 

@@ -76,12 +76,14 @@ _CODES_BY_UPSTREAM_TYPE: Mapping[str, str] = {
     "exceed_context_size_error": "context_length_exceeded",
     "invalid_request_error": "",
 }
-# error.code when the status carries no reason: a transport failure rather than the router.
-_CODES_WITHOUT_REASON: Mapping[type[RouterError], str] = {
-    RequestTooLargeError: "request_too_large",
-    UnavailableError: "router_unavailable",
-    DeadlineExceededError: "deadline_exceeded",
-    RequestCancelledError: "cancelled",
+# error.code and error.message when the status carries no reason: a transport failure rather
+# than the router. gRPC's own text names addresses and its internals, so the caller gets a fixed
+# sentence instead (the original goes to the log).
+_WITHOUT_REASON: Mapping[type[RouterError], tuple[str, str]] = {
+    RequestTooLargeError: ("request_too_large", "the request is too large for the router"),
+    UnavailableError: ("router_unavailable", "the router is unavailable"),
+    DeadlineExceededError: ("deadline_exceeded", "the router did not answer in time"),
+    RequestCancelledError: ("cancelled", "the router call was cancelled"),
 }
 # Retry-After (seconds) for a 429/503 whose status carried no RetryInfo.
 _DEFAULT_RETRY_AFTER = 1
@@ -152,10 +154,20 @@ def error_code(error: RouterError) -> str | None:
         return _CODES_BY_UPSTREAM_TYPE.get(upstream, upstream) or None
     if error.reason:
         return _CODES_BY_REASON.get(error.reason, error.reason.lower()) or None
-    for error_class, code in _CODES_WITHOUT_REASON.items():
+    for error_class, (code, _) in _WITHOUT_REASON.items():
         if isinstance(error, error_class):
             return code
     return None
+
+
+def _client_message(error: RouterError) -> str:
+    if error.reason:
+        return error.message or "the router failed the request"
+    _LOGGER.warning("router call failed in transport: %r", error)
+    return next(
+        (message for cls, (_, message) in _WITHOUT_REASON.items() if isinstance(error, cls)),
+        "the router failed the request",
+    )
 
 
 def from_router_error(error: RouterError) -> ApiError:
@@ -178,8 +190,10 @@ def from_router_error(error: RouterError) -> ApiError:
         )
     return ApiError(
         status,
-        error.message or "the router failed the request",
+        _client_message(error),
         type=error_type,
+        # The router names the request field at fault (e.g. max_tokens over the cap) this way.
+        param=error.metadata.get("param") or None,
         code=error_code(error),
         retry_after=retry_after,
     )

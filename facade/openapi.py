@@ -17,15 +17,27 @@ from typing import Any, Final
 from aiohttp import web
 from google.protobuf import descriptor
 
+from facade import metrics, status
 from facade.bridge import Binding, bindings, field_at, query_fields
 
-__all__ = ["build_openapi", "setup_routes"]
+__all__ = ["SSE_EVENT", "build_openapi", "setup_routes"]
 
 Schema = dict[str, Any]
 FieldDescriptor = descriptor.FieldDescriptor
 
 _REF = "#/components/schemas/"
 _ERROR = {"$ref": _REF + "ErrorResponse"}
+# Before OpenAPI 3.2, the schema of a `text/event-stream` response describes one event (how
+# schemathesis reads it too): its fields, each a string.
+SSE_EVENT: Final[Schema] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+    },
+}
 
 _INT32_TYPES = {
     FieldDescriptor.TYPE_INT32,
@@ -60,7 +72,8 @@ def build_openapi(admin: Iterable[Binding] | None = None) -> dict[str, Any]:
     """The whole document; `admin` defaults to the bridge's bindings."""
     schemas = dict(_OPENAI_SCHEMAS)
     paths: dict[str, dict[str, Any]] = {}
-    for path, operations in _openai_paths().items():
+    by_hand = {**_openai_paths(), **metrics.openapi_paths(), **status.openapi_paths()}
+    for path, operations in by_hand.items():
         paths.setdefault(path, {}).update(operations)
     seen: dict[str, int] = {}
     for binding in bindings() if admin is None else admin:
@@ -151,7 +164,7 @@ def _admin_responses(binding: Binding, schemas: dict[str, Schema]) -> Schema:
         success = {
             "description": "Server-sent events: `event:` names the response's set oneof field, "
             "`data:` is that field as proto-JSON, `id:` resumes the stream.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         }
     else:
         reference = _reference(binding.method.output_type, schemas)
@@ -296,7 +309,7 @@ def _inference_operation(
                 "of OpenAI chunks ending with `data: [DONE]`.",
                 "content": {
                     **_json({"$ref": _REF + response_schema}),
-                    "text/event-stream": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": SSE_EVENT},
                 },
             },
             **_error_responses(400, 401, 403, 404, 413, 429, 500, 503, 504),
@@ -467,13 +480,48 @@ _OPENAI_SCHEMAS: Final[dict[str, Schema]] = {
             "content": {
                 "oneOf": [
                     {"type": "string"},
-                    {"type": "array", "items": {"type": "object"}},
+                    {"type": "array", "items": {"$ref": _REF + "ContentPart"}},
                 ],
                 "nullable": True,
             },
             "name": {"type": "string"},
-            "tool_calls": {"type": "array", "items": {"type": "object"}},
+            "tool_calls": {"type": "array", "items": {"$ref": _REF + "ToolCall"}},
             "tool_call_id": {"type": "string"},
+        },
+    },
+    # The facade refuses (400) the shapes below when they lack what llama-server needs.
+    "ContentPart": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"type": "string"}, "text": {"type": "string"}},
+    },
+    "Tool": {
+        "type": "object",
+        "required": ["type", "function"],
+        "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "description": {"type": "string"},
+                    "parameters": {"type": "object"},
+                },
+            },
+        },
+    },
+    "ToolCall": {
+        "type": "object",
+        "required": ["type", "function"],
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {
+                "type": "object",
+                "required": ["name", "arguments"],
+                "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+            },
         },
     },
     "ChatCompletionRequest": {
@@ -486,7 +534,7 @@ _OPENAI_SCHEMAS: Final[dict[str, Schema]] = {
                 "minItems": 1,
                 "items": {"$ref": _REF + "ChatMessage"},
             },
-            "tools": {"type": "array", "items": {"type": "object"}},
+            "tools": {"type": "array", "items": {"$ref": _REF + "Tool"}},
             "tool_choice": {"oneOf": [{"type": "string"}, {"type": "object"}]},
             "response_format": {"type": "object"},
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True},

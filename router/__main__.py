@@ -40,10 +40,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         settings = load_settings(args.config)
-        settings.check_listen_safety(args.insecure_listen)
+        exposed = settings.check_listen_safety(args.insecure_listen)
     except ConfigError as error:
         sys.exit(f"router: configuration error:\n{error}")
     setup_logging(debug=settings.debug, structured=settings.telemetry.structured_logs)
+    if exposed:
+        logging.getLogger("router").warning(
+            "--insecure-listen: serving a non-loopback address with no API keys; anyone who "
+            "can reach it can use and manage every model"
+        )
     for warning in settings.warnings:
         logging.getLogger("router.config").warning("%s", warning)
     if settings.config_path is None:

@@ -640,7 +640,8 @@ class Settings(_ConfigModel):
     Usage::
 
         settings = load_settings(args.config)
-        settings.check_listen_safety(allow_insecure=args.insecure_listen)
+        if settings.check_listen_safety(allow_insecure=args.insecure_listen):
+            log.warning("listening on a non-loopback address with no API keys")
         for line in settings.warnings:
             log.warning(line)
 
@@ -754,10 +755,14 @@ class Settings(_ConfigModel):
             return list(self.models)
         return list(dict.fromkeys(self.system.preload_models))
 
-    def check_listen_safety(self, allow_insecure: bool) -> None:
-        """Refuse a non-loopback listener when no API key is configured, unless allowed."""
-        if allow_insecure or self.auth.api_keys:
-            return
+    def check_listen_safety(self, allow_insecure: bool) -> bool:
+        """Refuse a non-loopback listener when no API key is configured, unless allowed.
+
+        Returns True when such a listener goes ahead only because of ``allow_insecure``: the
+        caller logs a warning then.
+        """
+        if self.auth.api_keys:
+            return False
         exposed = [
             f"{name} {host!r} is not a loopback address and auth.api_keys is empty: anyone who "
             "can reach it could use and manage every model. Add a key under auth.api_keys "
@@ -766,8 +771,9 @@ class Settings(_ConfigModel):
             for name, host in (("grpc.host", self.grpc.host), ("api.host", self.api.host))
             if not _is_loopback(host)
         ]
-        if exposed:
+        if exposed and not allow_insecure:
             raise ConfigError(exposed, path=self._config_path)
+        return bool(exposed)
 
 
 def _unknown_alias(alias: str, aliases: Sequence[str]) -> str:

@@ -132,17 +132,31 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
+def spawn_logged(argv: list[str], log: Path | None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in the repository with stderr to a pipe, or to the file ``log``."""
+    if log is None:
+        return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with log.open("wb") as handle:  # the child keeps its own copy
+        return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=handle)
+
+
 @contextlib.contextmanager
-def router_process(config: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m router -c config`` as a real process, ready on ``port``; reaped after."""
-    process = subprocess.Popen(
-        [PYTHON, "-m", "router", "-c", str(config), *extra],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+def router_process(
+    config: Path,
+    port: int,
+    *extra: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    log: Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m router -c config`` as a real process, ready on ``port``; reaped after.
+
+    ``credentials`` reach a router serving TLS. Its log goes to a pipe read only if it fails
+    to start, or to the file ``log``: a long run logs more than a pipe holds, and a router
+    blocked writing its log stops serving.
+    """
+    process = spawn_logged([PYTHON, "-m", "router", "-c", str(config), *extra], log)
     try:
-        wait_for_grpc(port, process, timeout=20)
+        wait_for_grpc(port, process, timeout=20, credentials=credentials)
         yield process
     finally:
         if process.poll() is None:
@@ -156,13 +170,23 @@ def router_process(config: Path, port: int, *extra: str) -> Iterator[subprocess.
             process.stderr.close()
 
 
-def wait_for_grpc(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_for_grpc(
+    port: int,
+    process: subprocess.Popen[bytes],
+    timeout: float,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             stderr = process.stderr.read().decode() if process.stderr else ""
             raise AssertionError(f"router exited with {process.returncode}:\n{stderr}")
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        target = f"127.0.0.1:{port}"
+        channel = (
+            grpc.insecure_channel(target)
+            if credentials is None
+            else grpc.secure_channel(target, credentials)
+        )
         try:
             grpc.channel_ready_future(channel).result(timeout=0.2)
             return

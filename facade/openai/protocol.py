@@ -1,10 +1,12 @@
 """Validation of OpenAI request bodies: only what the facade needs, the rest is llama-server's.
 
 Chat and text completion bodies are checked for the fields the router routes on (`model`,
-`stream`) and the few whose absence llama-server would report less clearly (`messages`,
-`prompt`); the original text then travels unchanged, so tools, response_format, logprobs,
-stop, seed and stream_options reach llama-server exactly as sent. Embedding bodies are read
-fully, because the router takes their inputs as typed lists.
+`stream`), the few whose absence llama-server would report less clearly (`messages`,
+`prompt`), and the shapes llama-server fails on with a 500 instead of a 400 (a message without
+a string `role`, a text part without `text`, a tool or tool call without its type, function and
+name); the original text then travels unchanged, so tools, response_format, logprobs, stop,
+seed and stream_options reach llama-server exactly as sent. Embedding bodies are read fully,
+because the router takes their inputs as typed lists.
 """
 
 from __future__ import annotations
@@ -91,9 +93,61 @@ def parse_generation_request(text: str, kind: GenerateKind) -> GenerationRequest
             raise _invalid("'messages' must be a non-empty array", "messages")
         if not all(isinstance(message, dict) for message in messages):
             raise _invalid("every item of 'messages' must be an object", "messages")
+        for message in messages:
+            _check_message(message)
+        tools = body.get("tools")
+        if tools is not None:
+            if not isinstance(tools, list):
+                raise _invalid("'tools' must be an array", "tools")
+            for tool in tools:
+                _check_function(tool, "tools", "a tool")
     elif body.get("prompt") is None:
         raise _invalid("you must provide a prompt parameter", "prompt")
     return GenerationRequest(model, stream, text)
+
+
+# Fields llama-server reads as strings when present (null included): another type is a 500.
+_MESSAGE_STRINGS = ("name", "tool_call_id", "reasoning_content")
+
+
+def _check_message(message: dict[str, Any]) -> None:
+    if not isinstance(message.get("role"), str):
+        raise _invalid("every message must have a string 'role'", "messages")
+    _check_strings(message, _MESSAGE_STRINGS, "a message")
+    content = message.get("content")
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                raise _invalid("every content part must be an object", "messages")
+            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise _invalid("a text content part must have a string 'text'", "messages")
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise _invalid("'tool_calls' must be an array", "messages")
+        for call in calls:
+            _check_function(call, "messages", "a tool call")
+            _check_strings(call, ("id",), "a tool call", "messages")
+            if "arguments" not in call["function"]:
+                raise _invalid("a tool call's function must have 'arguments'", "messages")
+
+
+def _check_function(item: object, param: str, what: str) -> None:
+    """A tool or tool call: `{"type": "function", "function": {"name": "...", ...}}`."""
+    if not isinstance(item, dict) or item.get("type") != "function":
+        raise _invalid(f"{what} must be an object of type 'function'", param)
+    function = item.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise _invalid(f"{what} must have a 'function' object with a string 'name'", param)
+    _check_strings(function, ("description",), f"{what}'s function", param)
+
+
+def _check_strings(
+    item: dict[str, Any], names: tuple[str, ...], what: str, param: str = "messages"
+) -> None:
+    for name in names:
+        if name in item and not isinstance(item[name], str):
+            raise _invalid(f"{what}'s '{name}' must be a string", param)
 
 
 def parse_embedding_request(text: str) -> EmbeddingRequest:

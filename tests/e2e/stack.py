@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import PYTHON, REPO, free_port, router_process, write_config
+from tests.helpers import PYTHON, free_port, router_process, spawn_logged, write_config
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,12 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
             stream.close()
 
 
-def http_status(url: str, timeout: float = 1.0) -> int | None:
+def http_status(
+    url: str, timeout: float = 1.0, context: ssl.SSLContext | None = None
+) -> int | None:
     """The status of a GET, or None when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             status: int = response.status
             return status
     except urllib.error.HTTPError as error:
@@ -64,7 +67,11 @@ def http_status(url: str, timeout: float = 1.0) -> int | None:
 
 
 def wait_for_http(
-    url: str, process: subprocess.Popen[bytes], timeout: float, expect: int = 200
+    url: str,
+    process: subprocess.Popen[bytes],
+    timeout: float,
+    expect: int = 200,
+    context: ssl.SSLContext | None = None,
 ) -> None:
     """Poll `url` until it answers `expect`, failing fast if `process` exits."""
     deadline = time.monotonic() + timeout
@@ -72,23 +79,29 @@ def wait_for_http(
         if process.poll() is not None:
             stderr = process.stderr.read().decode() if process.stderr else ""
             raise AssertionError(f"process exited with {process.returncode}:\n{stderr}")
-        if http_status(url, timeout=0.5) == expect:
+        if http_status(url, timeout=0.5, context=context) == expect:
             return
         time.sleep(0.05)
     raise AssertionError(f"{url} did not answer {expect} within {timeout} s")
 
 
 @contextlib.contextmanager
-def facade_process(config: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m facade -c config`` as a real process, healthy (router connected) on ``port``."""
-    process = subprocess.Popen(
-        [PYTHON, "-m", "facade", "-c", str(config)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+def facade_process(
+    config: Path,
+    port: int,
+    *,
+    health: int = 200,
+    context: ssl.SSLContext | None = None,
+    log: Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m facade -c config`` as a real process on ``port``, once ``/health`` answers
+    ``health`` (200: the router is connected); over HTTPS with ``context``. Its log goes to a
+    pipe (read if it fails to start) or, for long runs, to the file ``log``."""
+    process = spawn_logged([PYTHON, "-m", "facade", "-c", str(config)], log)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", process, timeout=20)
+        scheme = "http" if context is None else "https"
+        url = f"{scheme}://127.0.0.1:{port}/health"
+        wait_for_http(url, process, timeout=20, expect=health, context=context)
         yield process
     finally:
         stop_process(process)
@@ -96,12 +109,25 @@ def facade_process(config: Path, port: int) -> Iterator[subprocess.Popen[bytes]]
 
 @contextlib.contextmanager
 def running_stack(
-    directory: Path, models: Mapping[str, Any], *, system: Mapping[str, Any] | None = None
+    directory: Path,
+    models: Mapping[str, Any],
+    *,
+    system: Mapping[str, Any] | None = None,
+    api: Mapping[str, Any] | None = None,
+    **sections: Any,
 ) -> Iterator[Stack]:
-    """Router and facade processes serving `models`, both stopped (and reaped) after."""
+    """Router and facade processes serving `models`, both stopped (and reaped) after.
+
+    `api` and `sections` (e.g. `auth`) go into the config; the ports are chosen here.
+    """
     grpc_port, http_port = free_port(), free_port()
     config = write_config(
-        directory, models, system=system, grpc_port=grpc_port, api={"port": http_port}
+        directory,
+        models,
+        system=system,
+        grpc_port=grpc_port,
+        api={**(api or {}), "port": http_port},
+        **sections,
     )
     with router_process(config, grpc_port), facade_process(config, http_port):
         yield Stack(config, grpc_port, http_port)

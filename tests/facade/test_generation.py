@@ -252,11 +252,47 @@ async def test_the_body_reaches_the_router_unchanged(facade: Facade) -> None:
             "stream",
             "boolean",
         ),
+        # Shapes llama-server answers with a 500 rather than a 400.
+        ("/v1/chat/completions", '{"model": "chat", "messages": [{"content": "hi"}]}',
+         "messages", "role"),
+        ("/v1/chat/completions", '{"model": "chat", "messages": [{"role": 1}]}',
+         "messages", "role"),
+        ("/v1/chat/completions", '{"model": "chat", "messages": [{"role": "user", "name": []}]}',
+         "messages", "'name'"),
+        ("/v1/chat/completions",
+         '{"model": "chat", "messages": [{"role": "tool", "tool_call_id": null}]}',
+         "messages", "'tool_call_id'"),
+        ("/v1/chat/completions",
+         '{"model": "chat", "messages": [{"role": "user", "content": [{"type": "text"}]}]}',
+         "messages", "'text'"),
+        ("/v1/chat/completions",
+         '{"model": "chat", "messages": [{"role": "user", "content": ["hi"]}]}',
+         "messages", "object"),
+        ("/v1/chat/completions",
+         '{"model": "chat", "messages": [{"role": "assistant", "tool_calls": [{}]}]}',
+         "messages", "'function'"),
+        ("/v1/chat/completions",
+         '{"model": "chat", "messages": [{"role": "assistant", "tool_calls": [{"type": '
+         '"function", "function": {"name": "f"}}]}]}', "messages", "arguments"),
+        ("/v1/chat/completions",
+         '{"model": "chat", "messages": [{"role": "assistant", "tool_calls": "x"}]}',
+         "messages", "array"),
+        ("/v1/chat/completions", '{"model": "chat", "messages": [{"role": "user"}], "tools": "x"}',
+         "tools", "array"),
+        ("/v1/chat/completions",
+         '{"model": "chat", "messages": [{"role": "user"}], "tools": [{"type": "function"}]}',
+         "tools", "name"),
+        ("/v1/chat/completions",
+         '{"model": "chat", "messages": [{"role": "user"}], "tools": [{"type": "x", '
+         '"function": {"name": "f"}}]}', "tools", "'function'"),
+        ("/v1/chat/completions",
+         '{"model": "chat", "messages": [{"role": "user"}], "tools": [{"type": "function", '
+         '"function": {"name": "f", "description": null}}]}', "tools", "'description'"),
         ("/v1/completions", '{"model": "chat"}', "prompt", "prompt"),
         ("/v1/completions", '{"model": "chat", "prompt": null}', "prompt", "prompt"),
         ("/v1/completions", '{"prompt": "hi"}', "model", "model"),
     ],
-)
+)  # fmt: skip
 async def test_invalid_bodies_are_400_before_any_call(
     facade: Facade, path: str, body: str, param: str | None, message: str
 ) -> None:
@@ -360,6 +396,15 @@ async def test_the_callers_authorization_is_forwarded(facade: Facade) -> None:
 
     assert facade.fake.calls[0].header("authorization") == ["Bearer sk-caller"]
     assert facade.fake.calls[1].header("authorization") == []
+
+
+async def test_an_x_api_key_is_forwarded_too(facade: Facade) -> None:
+    facade.fake.generate_events = [chunk(RESPONSE), end()]
+
+    await facade.http.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": "sk-caller"})
+
+    assert facade.fake.calls[0].header("x-api-key") == ["sk-caller"]
+    assert facade.fake.calls[0].header("authorization") == []
 
 
 # Cancellation and shutdown

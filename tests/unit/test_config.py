@@ -1109,7 +1109,8 @@ def test_listen_safety(
         patch["auth"] = {"api_keys": [{"key": "k"}]}
     settings = load(tmp_path, merged(minimal(), patch))
     if not exposed:
-        settings.check_listen_safety(allow_insecure=allow)
+        # True: an exposed listener goes ahead only because of --insecure-listen (warn).
+        assert settings.check_listen_safety(allow_insecure=allow) is (allow and not keys)
         return
     with pytest.raises(ConfigError) as caught:
         settings.check_listen_safety(allow_insecure=allow)

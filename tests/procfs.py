@@ -1,0 +1,30 @@
+"""What /proc says about a process: resident memory, open file descriptors, children."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["children", "open_fds", "rss_bytes"]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of `pid` in bytes (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors `pid` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (every thread's list)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text()
+        found += [int(child) for child in text.split()]
+    return found
