@@ -8,9 +8,11 @@ changes costs one write and the event loop never blocks on disk (seed defect W18
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,10 +60,21 @@ def render(status: FullStatus) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write to a temporary file of its own, then rename it over ``path``.
+
+    A uniquely named temporary file: the final write at stop may overlap a write
+    still running in its worker thread (a thread cannot be cancelled).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(document, indent=2))
-    os.replace(temporary, path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(document, indent=2))
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
 
 
 class StatusFileWriter:

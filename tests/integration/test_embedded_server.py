@@ -169,7 +169,8 @@ def test_busy_port_exits_one_without_hanging(tiny_chat: Path, tmp_path: Path) ->
 def test_zero_port_serves_on_the_announced_ephemeral_port(tiny_chat: Path, tmp_path: Path) -> None:
     server = spawn_embedded(tiny_chat, log_path=tmp_path / "server.log", port=0)
     try:
-        server.port = int(wait_for_log(server, r"^listening on http://[\d.]+:(\d+)\n").group(1))
+        # Not anchored: llama.cpp threads may leave a partial line just before it.
+        server.port = int(wait_for_log(server, r"listening on http://[\d.]+:(\d+)\n").group(1))
         assert server.port != 0
         wait_healthy(server)
     finally:
