@@ -2,7 +2,7 @@
 
 ``generate`` yields, in order: queue positions and load stages while waiting,
 then batches of upstream chunks as they are read (paced, see
-``HOLD_PER_STREAM_SEC``), then one ``Done``. Chunks are llama-server's JSON
+``system.stream_pacing_ms``), then one ``Done``. Chunks are llama-server's JSON
 verbatim; only what is needed is read from them: the text, and from the few
 chunks that can carry them the finish reason and the usage. Leaving the
 generator early (the gRPC call was cancelled or its deadline passed) closes the
@@ -45,17 +45,17 @@ COMPLETION = "completion"
 EMBEDDINGS = "embeddings"
 _PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions"}
 CRASH_SETTLE_SEC = 0.5
-# Pacing of streamed output. Once a stream has sent text, its next message leaves no sooner
-# than HOLD_PER_STREAM_SEC x (streams in flight) after the last one (at most MAX_HOLD_SEC):
+# Pacing of streamed output (system.stream_pacing_ms; 0 turns it off). Once a stream has sent
+# text, its next message leaves no sooner than the pacing x (streams in flight) after the last
+# one (at most MAX_HOLD_SEC):
 # output arriving faster waits and leaves as one fuller message. Every gRPC message costs
 # ~50 µs of CPU in the router and again in the facade, CPU that llama-server then lacks, so
-# this bounds the router's message rate near 1 / HOLD_PER_STREAM_SEC whatever the
+# this bounds the router's message rate near 1 / pacing whatever the
 # concurrency. Measured with the tiny model (~7k tokens/s) at 8 streams (`make bench`):
 # ~15 chunks per message instead of ~1.2, and llama-server's own time per request 108-113 ms
 # instead of 134-144 ms (92-102 ms with no router at all); a fixed 2 ms hold per stream only
 # reached 136 ms. The first text and the end of a response are never held, and a model
 # slower than one token per hold is never held at all.
-HOLD_PER_STREAM_SEC = 0.002
 MAX_HOLD_SEC = 0.025
 # llama-server's spelling of a streamed chunk that only adds text, around that text (a JSON
 # string): such chunks are read without parsing them whole. Anything else is parsed.
@@ -212,6 +212,7 @@ async def _failure(error: Exception, lease: Lease, supervisor: Supervisor) -> Ro
 class Limits:
     max_messages: int = 4096
     max_embedding_inputs: int = 2048
+    stream_pacing_sec: float = 0.002  # per stream in flight; 0 = every read goes out at once
 
 
 _TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
@@ -436,7 +437,7 @@ class Engine:
     async def _stream(
         self, reader: EventReader, kind: str, tally: _Tally, outcome: RequestOutcome
     ) -> AsyncGenerator[Chunks, None]:
-        """The upstream events as Chunks, paced (see HOLD_PER_STREAM_SEC) once text flows."""
+        """The upstream events as Chunks, paced (see MAX_HOLD_SEC) once text flows."""
         hold_until = 0.0
         self._streams += 1
         try:
@@ -448,8 +449,8 @@ class Engine:
                 data = [p.decode() for p in payloads]
                 text = "".join([tally.read_streamed(d, kind) for d in data])
                 yield Chunks(data, text)
-                if text:
-                    hold = min(MAX_HOLD_SEC, HOLD_PER_STREAM_SEC * self._streams)
+                if text and self._limits.stream_pacing_sec:
+                    hold = min(MAX_HOLD_SEC, self._limits.stream_pacing_sec * self._streams)
                     hold_until = time.monotonic() + hold
         finally:
             self._streams -= 1
