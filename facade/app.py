@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from opentelemetry import trace
 
-from clients import RouterClient
+from clients import RouterClient, map_rpc_errors
 from facade import bridge, openai, openapi, status
-from facade.context import request_id
+from facade.context import call_metadata, request_id
 from facade.cors import setup_cors
 from facade.errors import error_middleware
 from facade.health import health
@@ -19,6 +19,7 @@ from facade.sse import StreamRegistry
 from facade.telemetry import client_interceptors, observing_middlewares
 from facade.tls import channel_credentials
 from router.config import GrpcConfig, Settings
+from router.v1 import model_control_service_pb2
 
 __all__ = ["create_app", "router_metrics_url", "router_target"]
 
@@ -91,7 +92,12 @@ def create_app(
     openai.setup_routes(app)
     bridge.setup_routes(app)
     app.router.add_route("GET", "/health", health)
-    setup_metrics(app, metrics, router_metrics_url(settings))
+    setup_metrics(
+        app,
+        metrics,
+        router_metrics_url(settings),
+        authorize=None if settings.telemetry.metrics_open else _monitor_key,
+    )
     status.setup_routes(app)
     openapi.setup_routes(app)
     return app
@@ -133,3 +139,14 @@ async def _stop_streams(app: web.Application) -> None:
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["X-Request-ID"] = request_id(request)
+
+
+async def _monitor_key(request: web.Request) -> None:
+    """Raise unless the caller's key may read metrics. The router decides, as for every key:
+    a cheap monitor-scope call made with that key answers 401/403 or passes."""
+    with map_rpc_errors():
+        await request.app[CLIENT].control.GetQueueStats(
+            model_control_service_pb2.GetQueueStatsRequest(),
+            metadata=call_metadata(request),
+            timeout=2.0,
+        )

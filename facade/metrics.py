@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -184,14 +184,26 @@ class FacadeMetrics:
         return generate_latest(self.registry)
 
 
-def setup_metrics(app: web.Application, metrics: FacadeMetrics, router_url: str | None) -> None:
+def setup_metrics(
+    app: web.Application,
+    metrics: FacadeMetrics,
+    router_url: str | None,
+    *,
+    authorize: Callable[[web.Request], Awaitable[None]] | None = None,
+) -> None:
     """Mount `GET /metrics` serving `metrics`, plus the router's exposition at `router_url`
-    (None: the router serves no metrics, the facade's series are the whole answer)."""
+    (None: the router serves no metrics, the facade's series are the whole answer).
+
+    `authorize` (set when `telemetry.metrics_open` is false) raises for a caller that may not
+    read metrics, before anything is served, whether or not the router's port answers.
+    """
     app.on_response_prepare.append(metrics.on_response_prepare)
     if router_url is not None:
         app.cleanup_ctx.append(_router_session)
 
     async def handle(request: web.Request) -> web.Response:
+        if authorize is not None:
+            await authorize(request)
         router_part = b""
         if router_url is not None:
             router_part = await _router_exposition(request, router_url)

@@ -232,7 +232,7 @@ def apply_limits(parsed: dict[str, Any], kind: str, supervisor: Supervisor, limi
             continue
         value = parsed[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < -1 or value == 0:
-            raise InvalidRequest(f"'{name}' must be a positive integer")
+            raise InvalidRequest(f"'{name}' must be a positive integer", metadata={"param": name})
         if value == -1:  # llama-server's "until the context is full"
             continue
         asked = True

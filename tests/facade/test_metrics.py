@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -23,7 +24,13 @@ from clients import RouterClient
 from facade.app import create_app
 from facade.keys import METRICS
 from router.telemetry.metrics import RouterMetrics
-from tests.clients.fake_router import FakeRouter, chunk, make_model, serve_fake_router
+from tests.clients.fake_router import (
+    FakeRouter,
+    chunk,
+    make_model,
+    rich_status,
+    serve_fake_router,
+)
 from tests.helpers import chat_model, free_port, settings_for
 
 PROMTOOL = str(Path(sys.executable).parent / "promtool")
@@ -71,9 +78,11 @@ async def make_facade(
     async with contextlib.AsyncExitStack() as stack:
 
         async def make(
-            stub: RouterMetricsStub | None = None, router_port: int | None = None
+            stub: RouterMetricsStub | None = None,
+            router_port: int | None = None,
+            metrics_open: bool = True,
         ) -> MetricsFacade:
-            telemetry: dict[str, Any] = {}
+            telemetry: dict[str, Any] = {"metrics_open": metrics_open}
             if stub is not None:
                 telemetry["metrics_port"] = (await aiohttp_server(_stub_app(stub))).port
             if router_port is not None:
@@ -267,3 +276,22 @@ async def test_a_failing_router_leaves_the_facade_series(make_facade: MakeFacade
     assert status == 200
     assert "broken" not in text
     assert facade.value("routermodel_facade_router_metrics_up") == 0
+
+
+async def test_protected_metrics_ask_the_router_about_the_key_even_without_its_port(
+    make_facade: MakeFacade,
+) -> None:
+    facade = await make_facade(metrics_open=False)
+    facade.fake.errors["GetQueueStats"] = rich_status(
+        grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required", reason="UNAUTHENTICATED"
+    )
+
+    status, text = await facade.scrape()
+
+    assert status == 401 and "routermodel_facade" not in text
+    [call] = [c for c in facade.fake.calls if c.method == "GetQueueStats"]
+    assert call.header("authorization") == []
+    del facade.fake.errors["GetQueueStats"]
+    status, text = await facade.scrape(Authorization="Bearer monitor-key")
+    assert status == 200 and "routermodel_facade_http_requests_total" in text
+    assert facade.fake.calls[-1].header("authorization") == ["Bearer monitor-key"]

@@ -208,6 +208,9 @@ async def test_request_limits_before_queueing(
             await collect(client, {"messages": MESSAGES, "max_tokens": 7})
         with pytest.raises(InvalidRequestError, match="context"):
             await collect(client, {"messages": MESSAGES, "max_tokens": 5000})
+        with pytest.raises(InvalidRequestError, match="positive integer") as caught:
+            await collect(client, {"messages": MESSAGES, "max_tokens": "ten"})
+        assert caught.value.metadata["param"] == "max_tokens"
         with pytest.raises(InvalidRequestError, match="too many messages"):
             await collect(client, {"messages": MESSAGES * 4, "max_tokens": 2})
         with pytest.raises(InvalidRequestError, match="too many inputs"):
