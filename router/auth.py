@@ -26,12 +26,13 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from router.config import ApiKey
 from router.errors import ModelNotFound, PermissionDenied, RateLimited, Unauthenticated
+from router.interceptors import Bidi, Stream, Unary, rewrap
 from router.v1 import inference_service_pb2
 
 _INFERENCE = "/router.v1.InferenceService/"
@@ -210,10 +211,6 @@ def _used_tokens(response: Any) -> int:
     return 0
 
 
-_Unary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-_Stream = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
-_Bidi = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
-
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # generic only in grpc-stubs, not at runtime
@@ -239,57 +236,43 @@ class AuthInterceptor(_ServerInterceptor):
             return handler
         method = handler_call_details.method
         metadata = handler_call_details.invocation_metadata or ()
-        if handler.unary_unary is not None:
-            unary = cast(_Unary, handler.unary_unary)
 
-            async def guarded_unary(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> Any:
-                principal = self._auth.authorize(method, metadata)
-                check_request(principal, request)
-                _current.set(principal)
-                response = await unary(request, context)
+        def admit(request: Any) -> Principal:
+            principal = self._auth.authorize(method, metadata)
+            check_request(principal, request)
+            _current.set(principal)
+            return principal
+
+        def guard_unary(behavior: Unary) -> Unary:
+            async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                principal = admit(request)
+                response = await behavior(request, context)
                 if principal.tokens is not None:
                     principal.tokens.debit(_used_tokens(response))
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(
-                guarded_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream = cast(_Stream, handler.unary_stream)
+            return guarded
 
-            async def guarded_stream(
+        def guard_stream(behavior: Stream) -> Stream:
+            async def guarded(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                principal = self._auth.authorize(method, metadata)
-                check_request(principal, request)
-                _current.set(principal)
-                async for response in stream(request, context):
+                principal = admit(request)
+                async for response in behavior(request, context):
                     if principal.tokens is not None:
                         principal.tokens.debit(_used_tokens(response))
                     yield response
 
-            return grpc.unary_stream_rpc_method_handler(
-                guarded_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:  # server reflection
-            bidi = cast(_Bidi, handler.stream_stream)
+            return guarded
 
-            async def guarded_bidi(
+        def guard_bidi(behavior: Bidi) -> Bidi:  # server reflection: any valid key
+            async def guarded(
                 requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 _current.set(self._auth.authorize(method, metadata))
-                async for response in bidi(requests, context):
+                async for response in behavior(requests, context):
                     yield response
 
-            return grpc.stream_stream_rpc_method_handler(
-                guarded_bidi,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+            return guarded
+
+        return rewrap(handler, unary=guard_unary, stream=guard_stream, bidi=guard_bidi)

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from router.auth import Authenticator, AuthInterceptor, presented_key
 from router.config import Settings, TlsFiles
 from router.inference import CHAT, COMPLETION, EMBEDDINGS, Engine, Limits
-from router.interceptors import ErrorInterceptor
+from router.interceptors import CancelledCallInterceptor, ErrorInterceptor
 from router.pool.pool import Pool
 from router.pool.snapshot import ModelSnapshot
 from router.resources.devices import HostMemory, Inventory, SimulatedGpu, SimulatedGpus
@@ -35,7 +35,7 @@ from router.status import FullStatus, ServerSnapshot, ServerState, StatusHub
 from router.telemetry.metrics import RouterMetrics
 from router.telemetry.status_file import StatusFileWriter
 from router.telemetry.summary import RollingSummary
-from router.telemetry.tracing import CancelledCallInterceptor, setup_tracing
+from router.telemetry.tracing import setup_tracing
 from router.v1 import (
     inference_service_pb2,
     inference_service_pb2_grpc,

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from clients import Chunk, DeadlineExceededError, RouterClient
-from router.telemetry.tracing import CancelledCallInterceptor
+from router.interceptors import CancelledCallInterceptor
 from router.v1 import inference_service_pb2
 from tests.clients.fake_router import FakeRouter, chunk, serve_fake_router
 
