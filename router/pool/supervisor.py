@@ -584,27 +584,30 @@ class Supervisor:
         """The child exited. Expected during a stop; otherwise it crashed."""
         if self._child is not child or self.state not in (S.READY, S.DRAINING):
             return
-        returncode = child.exited.result()
-        failure = classify_exit(returncode, self.log.tail(40))
+        failure = classify_exit(child.exited.result(), self.log.tail(40))
         _LOGGER.error("%s: child crashed: %s", self.alias, failure.summary)
-        self._ctx.events.on_crash(self.alias)
-        crash = Unavailable(
-            f"model '{self.alias}' stopped unexpectedly: {failure.summary}",
-            reason=errors_pb2.ERROR_REASON_MODEL_CRASHED,
-            retry_after=1.0,
-        )
+        self._abort_leases(f"model '{self.alias}' stopped unexpectedly: {failure.summary}")
+        self._transition(S.STOPPED)
+        asyncio.get_running_loop().create_task(self._forget_child(child))
+        self._after_crash(failure.summary)
+
+    def _abort_leases(self, message: str) -> None:
+        crash = Unavailable(message, reason=errors_pb2.ERROR_REASON_MODEL_CRASHED, retry_after=1.0)
         for lease in list(self._leases):
             lease.abort(crash)
-        self._transition(S.STOPPED)
+
+    def _after_crash(self, summary: str) -> None:
+        """Bookkeeping once a crashed child is gone (state STOPPED): count the failure, then
+        open the circuit or restart (with backoff) for the requests still waiting."""
+        self._ctx.events.on_crash(self.alias)
         self._ctx.admission.release(self.alias)
-        asyncio.get_running_loop().create_task(self._forget_child(child))
         self._cancel_idle_timer()
         self.consecutive_failures += 1
-        self.last_error = failure.summary
+        self.last_error = summary
         if self.consecutive_failures >= self.settings.failure_threshold:
             self._open_circuit()
         elif self.queue.waiting:
-            self.ensure_loading()  # demand: restart (with backoff)
+            self.ensure_loading()
 
     async def unload(self, *, force: bool, drain_timeout: float | None) -> bool:
         """Stop the model (drain first unless ``force``). Returns whether a child ran.
@@ -681,16 +684,15 @@ class Supervisor:
         if child is None or self.state is not S.READY:
             return
         _LOGGER.error("%s: child pid %d stopped answering; replacing it", self.alias, child.pid)
-        hung = Unavailable(
-            f"model '{self.alias}' stopped responding",
-            reason=errors_pb2.ERROR_REASON_MODEL_CRASHED,
-            retry_after=1.0,
-        )
-        for lease in list(self._leases):
-            lease.abort(hung)
+        self._abort_leases(f"model '{self.alias}' stopped responding")
+        # Out of READY before the kill: no new request may reach the hung child while it dies
+        # (and its exit, now expected, is not counted twice by _on_exit).
+        self._transition(S.STOPPING)
         child.kill()
-        # _on_exit does the crash bookkeeping (state STOPPED, restart on demand).
         await asyncio.shield(child.exited)
+        await self._forget_child(child)
+        self._transition(S.STOPPED)
+        self._after_crash("the model stopped responding")
 
     def reset(self) -> tuple[bool, str]:
         """Close the circuit and clear failures. Returns (was_failed, previous_error)."""
