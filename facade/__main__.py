@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 import ssl
 import sys
-from pathlib import Path
 
 from aiohttp import web
 
 from facade.app import create_app
 from facade.tls import server_ssl_context
-from router.config import ConfigError, Settings, load_settings
+from router.config import INSECURE_LISTEN_WARNING, Settings, settings_from_argv
 from router.logs import setup_logging
 from router.telemetry.tracing import setup_tracing
 
@@ -23,19 +21,6 @@ _LOGGER = logging.getLogger("facade")
 _SHUTDOWN_TIMEOUT_SEC = 5.0
 # Spans still buffered at exit get this long to reach an unreachable collector.
 _TRACE_FLUSH_TIMEOUT_MS = 5000
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m facade", description=__doc__)
-    parser.add_argument(
-        "-c", "--config", type=Path, help="config.json (else CONFIG_PATH, ./config.json, demo)"
-    )
-    parser.add_argument(
-        "--insecure-listen",
-        action="store_true",
-        help="allow a non-loopback address with no API keys configured",
-    )
-    return parser.parse_args(argv)
 
 
 async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -72,20 +57,12 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-        exposed = settings.check_listen_safety(args.insecure_listen)
-    except ConfigError as error:
-        sys.exit(f"facade: configuration error:\n{error}")
+    settings, exposed = settings_from_argv("facade", __doc__, argv)
     setup_logging(debug=settings.debug, structured=settings.telemetry.structured_logs)
     if settings.debug:  # setup_logging quiets the access log, which DEBUG turns on here
         logging.getLogger("aiohttp.access").setLevel(logging.INFO)
     if exposed:
-        _LOGGER.warning(
-            "--insecure-listen: serving a non-loopback address with no API keys; anyone who "
-            "can reach it can use and manage every model"
-        )
+        _LOGGER.warning("%s", INSECURE_LISTEN_WARNING)
     ssl_context = None
     if settings.api.tls is not None:
         try:

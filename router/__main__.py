@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 import sys
-from pathlib import Path
 
-from router.config import ConfigError, Settings, load_settings
+from router.config import INSECURE_LISTEN_WARNING, Settings, settings_from_argv
 from router.logs import setup_logging
 from router.pool.registry import StateDirInUse
 from router.server import ListenError, serve
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m router", description=__doc__)
-    parser.add_argument(
-        "-c", "--config", type=Path, help="config.json (else CONFIG_PATH, ./config.json, demo)"
-    )
-    parser.add_argument(
-        "--insecure-listen",
-        action="store_true",
-        help="allow a non-loopback address with no API keys configured",
-    )
-    return parser.parse_args(argv)
 
 
 async def _run(settings: Settings) -> None:
@@ -37,18 +22,10 @@ async def _run(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-        exposed = settings.check_listen_safety(args.insecure_listen)
-    except ConfigError as error:
-        sys.exit(f"router: configuration error:\n{error}")
+    settings, exposed = settings_from_argv("router", __doc__, argv)
     setup_logging(debug=settings.debug, structured=settings.telemetry.structured_logs)
     if exposed:
-        logging.getLogger("router").warning(
-            "--insecure-listen: serving a non-loopback address with no API keys; anyone who "
-            "can reach it can use and manage every model"
-        )
+        logging.getLogger("router").warning("%s", INSECURE_LISTEN_WARNING)
     for warning in settings.warnings:
         logging.getLogger("router.config").warning("%s", warning)
     if settings.config_path is None:

@@ -18,11 +18,13 @@ are relative to that file's folder. Seed keys that are accepted but have no effe
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import ipaddress
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1056,3 +1058,34 @@ def _with_env_overrides(
     if structured is not None:
         put("telemetry", "structured_logs", structured, "STRUCTURED_LOGS")
     return raw, sources
+
+
+INSECURE_LISTEN_WARNING: Final = (
+    "--insecure-listen: serving a non-loopback address with no API keys; anyone who can reach "
+    "it can use and manage every model"
+)
+
+
+def settings_from_argv(
+    prog: str, description: str | None, argv: Sequence[str] | None = None
+) -> tuple[Settings, bool]:
+    """The command line both processes take (``-c/--config``, ``--insecure-listen``), loaded.
+
+    Exits with the configuration errors (never a traceback). Also returns whether a listener
+    goes ahead only because of ``--insecure-listen``: log ``INSECURE_LISTEN_WARNING`` then.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    parser.add_argument(
+        "-c", "--config", type=Path, help="config.json (else CONFIG_PATH, ./config.json, demo)"
+    )
+    parser.add_argument(
+        "--insecure-listen",
+        action="store_true",
+        help="allow a non-loopback address with no API keys configured",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        return settings, settings.check_listen_safety(args.insecure_listen)
+    except ConfigError as error:
+        sys.exit(f"{prog}: configuration error:\n{error}")
