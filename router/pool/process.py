@@ -70,6 +70,17 @@ def free_port() -> int:
         return port
 
 
+async def health_status(session: aiohttp.ClientSession, url: str, timeout: float) -> int | None:
+    """The status of one GET of a child's /health, None when it does not answer in time."""
+    try:
+        async with session.get(
+            url, headers=CLOSE, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as response:
+            return response.status
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return None
+
+
 class ChildProcess:
     """A spawned child. ``exited`` resolves with its return code once it is reaped."""
 
@@ -163,7 +174,7 @@ class ChildProcess:
                 raise ChildExited(self.exited.result())
             if self._output.done():
                 self._output = loop.create_future()
-            status = await self._probe(session, url)
+            status = await health_status(session, url, timeout=1.0)
             if status == 200:
                 return
             if status == 503 and not loading_seen and on_loading is not None:
@@ -179,16 +190,6 @@ class ChildProcess:
                 return_when=asyncio.FIRST_COMPLETED,
             )
             delay = min(delay * 2, 0.1)
-
-    @staticmethod
-    async def _probe(session: aiohttp.ClientSession, url: str) -> int | None:
-        try:
-            async with session.get(
-                url, headers=CLOSE, timeout=aiohttp.ClientTimeout(total=1.0)
-            ) as response:
-                return response.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return None
 
     async def stop(self, grace: float) -> int:
         """SIGTERM the process group, SIGKILL after ``grace``, and reap. Idempotent."""

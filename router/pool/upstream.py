@@ -14,7 +14,7 @@ import time
 
 import aiohttp
 
-from router.pool.process import CLOSE
+from router.pool.process import CLOSE, health_status
 
 
 class UpstreamHTTPError(Exception):
@@ -174,12 +174,4 @@ class Upstream:
         return payload
 
     async def healthy(self, timeout: float) -> bool:
-        try:
-            async with self._session.get(
-                self._base + "/health",
-                headers=CLOSE,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return False
+        return await health_status(self._session, self._base + "/health", timeout) == 200
