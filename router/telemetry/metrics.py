@@ -86,7 +86,9 @@ class _LiveState(Collector):
             f"{PREFIX}_queued_requests", "Requests waiting for a slot or a load.", labels=["model"]
         )
         slots = GaugeMetricFamily(
-            f"{PREFIX}_model_slots", "Concurrency limit of each model.", labels=["model"]
+            f"{PREFIX}_model_slots",
+            "Slots open to requests: the model's concurrency limit while READY, else 0.",
+            labels=["model"],
         )
         memory = GaugeMetricFamily(
             f"{PREFIX}_model_memory_bytes",
@@ -96,7 +98,10 @@ class _LiveState(Collector):
         for snapshot in self._snapshots():
             in_flight.add_metric([snapshot.alias], snapshot.in_flight)
             queued.add_metric([snapshot.alias], snapshot.queued)
-            slots.add_metric([snapshot.alias], snapshot.slots)
+            # The configured limit alone never moves; what a dashboard needs next to the
+            # in-flight gauge is the capacity actually on offer, which is 0 while not serving.
+            open_slots = snapshot.slots if snapshot.state is ModelState.READY else 0
+            slots.add_metric([snapshot.alias], open_slots)
             memory.add_metric([snapshot.alias, "estimate"], snapshot.memory_estimate_mib * _MIB)
             memory.add_metric([snapshot.alias, "measured"], snapshot.memory_measured_mib * _MIB)
         used = GaugeMetricFamily(

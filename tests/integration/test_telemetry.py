@@ -90,6 +90,59 @@ async def drive_traffic(router: Router, client: RouterClient) -> list[Samples]:
     return scrapes
 
 
+# Every family the router defines (router/telemetry/metrics.py), named so a family dropped from the
+# exposition fails here rather than quietly leaving the "all fed" check with less to check.
+ROUTER_FAMILIES = {
+    "routermodel_requests": "counter",
+    "routermodel_rejections": "counter",
+    "routermodel_prompt_tokens": "counter",
+    "routermodel_completion_tokens": "counter",
+    "routermodel_queue_wait_seconds": "histogram",
+    "routermodel_load_seconds": "histogram",
+    "routermodel_time_to_first_token_seconds": "histogram",
+    "routermodel_inter_token_seconds": "histogram",
+    "routermodel_request_duration_seconds": "histogram",
+    "routermodel_model_restarts": "counter",
+    "routermodel_model_evictions": "counter",
+    "routermodel_model_idle_unloads": "counter",
+    "routermodel_model_crashes": "counter",
+    "routermodel_model_state": "gauge",
+    "routermodel_in_flight_requests": "gauge",
+    "routermodel_queued_requests": "gauge",
+    "routermodel_model_slots": "gauge",
+    "routermodel_model_memory_bytes": "gauge",
+    "routermodel_device_memory_used_bytes": "gauge",
+    "routermodel_device_memory_free_bytes": "gauge",
+}
+# prometheus_client's process collector: constants such as the start time and the fd limit
+# cannot move, and none of it is ours to feed.
+PROCESS_PREFIX = "routermodel_router_process_"
+
+
+def real_samples(scrape: Samples, family: str) -> Samples:
+    """The samples of ``family`` that carry a measurement.
+
+    ``<name>_created`` is the Unix time a series was created: nonzero from the start, so a
+    check that accepted it would pass for a counter or histogram nobody ever fed.
+    """
+    suffixes = ("", "_total", "_bucket", "_count", "_sum")
+    names = {family + suffix for suffix in suffixes}
+    return {key: value for key, value in scrape.items() if key[0] in names}
+
+
+def moved_families(scrapes: list[Samples], families: set[str]) -> set[str]:
+    """Families with a real sample that differs, in some later scrape, from the first scrape."""
+    first = scrapes[0]
+    moved = set()
+    for family in families:
+        for later in scrapes[1:]:
+            current = real_samples(later, family)
+            if any(value != first.get(key, 0.0) for key, value in current.items()):
+                moved.add(family)
+                break
+    return moved
+
+
 async def test_every_metric_family_is_fed(
     tmp_path: Path, tiny_chat: Path, tiny_embed: Path
 ) -> None:
@@ -102,16 +155,59 @@ async def test_every_metric_family_is_fed(
     async with running_router(settings) as (router, client):
         scrapes = await drive_traffic(router, client)
         text = await scrape(router)
-    first, last = scrapes[0], scrapes[-1]
-    moved = {name for (name, _), value in last.items() if value != first.get((name, _), 0.0)}
-    nonzero = {name for scrape in scrapes for (name, _), value in scrape.items() if value}
-    families = {family.name for family in text_string_to_metric_families(text)}
-    dead = []
-    for family in sorted(families):
-        names = {n for (n, _) in last if n == family or n.startswith(family + "_")}
-        if not names & (moved | nonzero):
-            dead.append(family)
+        defined = {
+            family.name: family.type
+            for family in router.metrics.registry.collect()
+            if not family.name.startswith(PROCESS_PREFIX)
+        }
+    assert defined == ROUTER_FAMILIES
+    exposed = {family.name for family in text_string_to_metric_families(text)}
+    assert set(ROUTER_FAMILIES) <= exposed
+    dead = sorted(set(ROUTER_FAMILIES) - moved_families(scrapes, set(ROUTER_FAMILIES)))
     assert dead == [], f"metric families never fed: {dead}"
+
+    first, busy, last = scrapes[0], scrapes[1], scrapes[-1]
+
+    def value(scrape: Samples, name: str, **labels: str) -> float:
+        return scrape[(name, tuple(sorted(labels.items())))]
+
+    # Counters of the traffic driven at "chat": one stream, one plain chat, one completion
+    # before the busy scrape; tokens both ways.
+    assert value(last, "routermodel_requests_total", model="chat", endpoint="chat", status="2xx")
+    assert value(
+        last, "routermodel_requests_total", model="chat", endpoint="completion", status="2xx"
+    )
+    assert value(
+        last, "routermodel_requests_total", model="embed", endpoint="embeddings", status="2xx"
+    )
+    assert value(last, "routermodel_prompt_tokens_total", model="chat") > 0
+    assert value(last, "routermodel_completion_tokens_total", model="chat") >= 32 + 8 + 8
+    # Every histogram observed something for the model driven.
+    for histogram, labels in (
+        ("routermodel_queue_wait_seconds", {"model": "chat"}),
+        ("routermodel_load_seconds", {"model": "chat"}),
+        ("routermodel_time_to_first_token_seconds", {"model": "chat"}),
+        ("routermodel_inter_token_seconds", {"model": "chat"}),
+        ("routermodel_request_duration_seconds", {"model": "chat", "endpoint": "chat"}),
+        ("routermodel_request_duration_seconds", {"model": "chat", "endpoint": "completion"}),
+        ("routermodel_request_duration_seconds", {"model": "embed", "endpoint": "embeddings"}),
+    ):
+        assert value(last, histogram + "_count", **labels) > 0, (histogram, labels)
+        assert value(last, histogram + "_sum", **labels) > 0, (histogram, labels)
+    # Slots open to requests: none before anything loaded, the model's one while it serves.
+    assert value(first, "routermodel_model_slots", model="chat") == 0
+    assert value(busy, "routermodel_model_slots", model="chat") == 1
+    # Model memory: estimated once placed, measured once running.
+    assert value(first, "routermodel_model_memory_bytes", model="chat", kind="estimate") == 0
+    assert value(busy, "routermodel_model_memory_bytes", model="chat", kind="estimate") > 0
+    measured = [
+        value(s, "routermodel_model_memory_bytes", model="chat", kind="measured") for s in scrapes
+    ]
+    assert max(measured) > 0
+    # CPU mode: the host is the one device.
+    assert value(last, "routermodel_device_memory_used_bytes", device="cpu") > 0
+    assert value(last, "routermodel_device_memory_free_bytes", device="cpu") > 0
+
     assert (
         last[("routermodel_rejections_total", (("model", "chat"), ("reason", "queue_full")))] == 1
     )
@@ -123,8 +219,27 @@ async def test_every_metric_family_is_fed(
     assert last[("routermodel_model_state", (("model", "embed"), ("state", "stopped")))] == 1
     assert last[("routermodel_model_state", (("model", "brief"), ("state", "ready")))] == 1
     in_flight = ("routermodel_in_flight_requests", (("model", "chat"),))
-    assert scrapes[1][in_flight] == 1
-    assert scrapes[1][("routermodel_queued_requests", (("model", "chat"),))] == 1
+    assert busy[in_flight] == 1
+    assert busy[("routermodel_queued_requests", (("model", "chat"),))] == 1
+
+
+def test_created_samples_alone_do_not_count_as_fed() -> None:
+    """The check above must not be satisfied by an untouched counter's ``_created`` sample."""
+    untouched = samples(
+        "# TYPE routermodel_x counter\n"
+        'routermodel_x_total{model="a"} 0.0\n'
+        'routermodel_x_created{model="a"} 1.7e9\n'
+    )
+    later = samples(
+        "# TYPE routermodel_x counter\n"
+        'routermodel_x_total{model="a"} 0.0\n'
+        'routermodel_x_created{model="a"} 1.7e9\n'
+        'routermodel_x_total{model="b"} 0.0\n'
+        'routermodel_x_created{model="b"} 1.8e9\n'
+    )
+    assert moved_families([untouched, later], {"routermodel_x"}) == set()
+    fed = {**later, ("routermodel_x_total", (("model", "a"),)): 1.0}
+    assert moved_families([untouched, fed], {"routermodel_x"}) == {"routermodel_x"}
 
 
 async def test_exposition_passes_promtool(tmp_path: Path, tiny_chat: Path) -> None:
