@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -278,18 +279,44 @@ async def test_unknown_alias_adds_no_series_and_no_queue(tmp_path: Path, tiny_ch
     assert set(stats.per_model) == {"chat"}
 
 
+IDLE_TTL = 0.3
+# Room for the idle timer's evict task to run on a busy 2-core machine; far below the time a
+# scrape every SCRAPE_EVERY seconds would keep a timer that resets on scrapes from firing.
+IDLE_MARGIN = 0.5
+SCRAPE_EVERY = 0.02
+
+
+async def read_everything(router: Router, client: RouterClient) -> None:
+    """One round of every read-only view: the Prometheus scrape and the status RPCs."""
+    await scrape(router)
+    await client.control.ListModels(mpb.ListModelsRequest())
+    await client.control.GetModel(mpb.GetModelRequest(model="chat"))
+    await client.control.GetQueueStats(mpb.GetQueueStatsRequest())
+    await client.control.GetResources(mpb.GetResourcesRequest())
+    await client.control.GetTelemetrySummary(mpb.GetTelemetrySummaryRequest())
+
+
 async def test_scrapes_never_load_or_keep_a_model_awake(tmp_path: Path, tiny_chat: Path) -> None:
     settings = settings_for(
-        tmp_path, {"chat": {**chat_model(tiny_chat), "ttl_sec": 0.3}}, telemetry={"metrics_port": 0}
+        tmp_path,
+        {"chat": {**chat_model(tiny_chat), "ttl_sec": IDLE_TTL}},
+        telemetry={"metrics_port": 0},
     )
     async with running_router(settings) as (router, client):
-        await scrape(router)
-        assert router.pool.get("chat").state.value == "stopped"
+        supervisor = router.pool.get("chat")
+        await read_everything(router, client)
+        assert supervisor.state.value == "stopped"
         await run(client, "chat", max_tokens=2)
-        for _ in range(8):  # scraping throughout the TTL
-            await scrape(router)
-            await asyncio.sleep(0.05)
-        await wait_until(lambda: router.pool.get("chat").state.value == "stopped", 2)
+        last_request = time.monotonic()
+        # Scrape far more often than the TTL until the model leaves READY: a scrape that
+        # re-armed the idle timer would keep it READY until the deadline below.
+        deadline = last_request + IDLE_TTL + IDLE_MARGIN
+        while supervisor.state.value == "ready" and time.monotonic() < deadline:
+            await read_everything(router, client)
+            await asyncio.sleep(SCRAPE_EVERY)
+        left_ready = time.monotonic()
+        assert supervisor.state.value != "ready", "scrapes kept the model awake"
+    assert IDLE_TTL / 2 <= left_ready - last_request <= IDLE_TTL + IDLE_MARGIN
 
 
 async def test_summary_counts_numbers_and_errors(
