@@ -215,30 +215,32 @@ class Limits:
     stream_pacing_sec: float = 0.002  # per stream in flight; 0 = every read goes out at once
 
 
-_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
+# llama-server reads the first of these that is present (measured: n_predict, then
+# max_completion_tokens, then max_tokens), and -1 means "until the context is full".
+_TOKEN_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens")
 
 
-def apply_limits(parsed: dict[str, Any], kind: str, supervisor: Supervisor, limits: Limits) -> bool:
+def apply_limits(
+    parsed: dict[str, Any], kind: str, n_ctx: int, cap: int | None, limits: Limits
+) -> bool:
     """Refuse what cannot be served before it is queued; return True if ``parsed`` changed.
 
-    A requested length beyond the model's cap or its whole context can never
-    succeed. Without one, the model's cap (when configured) becomes max_tokens.
+    A requested length beyond the model's cap or its whole context can never succeed. With a
+    cap, -1 becomes the cap, and ``n_predict`` is always written with the length llama-server
+    would have honoured: it is the field every llama-server reads first, so the body sent
+    cannot exceed the cap whichever names or order a given llama-server version knows.
     """
-    settings = supervisor.settings
-    cap = settings.max_tokens_cap
-    asked = False
+    honoured: int | None = None  # the length llama-server will use
+    changed = False
     for name in _TOKEN_FIELDS:
         if name not in parsed:
             continue
         value = parsed[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < -1 or value == 0:
             raise InvalidRequest(f"'{name}' must be a positive integer", metadata={"param": name})
-        if value == -1:  # llama-server's "until the context is full"
-            continue
-        asked = True
-        if value > settings.spec.n_ctx:
+        if value > n_ctx:
             raise InvalidRequest(
-                f"'{name}' is {value} but the model's context is {settings.spec.n_ctx} tokens",
+                f"'{name}' is {value} but the model's context is {n_ctx} tokens",
                 metadata={"param": name},
             )
         if cap is not None and value > cap:
@@ -246,6 +248,11 @@ def apply_limits(parsed: dict[str, Any], kind: str, supervisor: Supervisor, limi
                 f"'{name}' is {value} but this model allows at most {cap}",
                 metadata={"param": name},
             )
+        if cap is not None and value == -1:
+            parsed[name] = value = cap
+            changed = True
+        if honoured is None:
+            honoured = value
     if kind == CHAT:
         messages = parsed.get("messages")
         if isinstance(messages, list) and len(messages) > limits.max_messages:
@@ -253,10 +260,10 @@ def apply_limits(parsed: dict[str, Any], kind: str, supervisor: Supervisor, limi
                 f"too many messages ({len(messages)} > {limits.max_messages})",
                 metadata={"param": "messages"},
             )
-    if cap is not None and not asked:
-        parsed["max_tokens"] = cap
-        return True
-    return False
+    if cap is not None and parsed.get("n_predict") is None:
+        parsed["n_predict"] = cap if honoured is None else honoured
+        changed = True
+    return changed
 
 
 def upstream_error(error: Exception, lease: Lease | None, supervisor: Supervisor) -> RouterError:
@@ -359,7 +366,10 @@ class Engine:
             self._check_kind(supervisor, ModelKind.CHAT)
             parsed = parse_body(call.body)
             body = call.body
-            changed = apply_limits(parsed, call.kind, supervisor, self._limits)
+            settings = supervisor.settings
+            changed = apply_limits(
+                parsed, call.kind, settings.spec.n_ctx, settings.max_tokens_cap, self._limits
+            )
             if parsed.get("model") != call.model or changed:
                 parsed["model"] = call.model
                 body = json.dumps(parsed, separators=(",", ":"))

@@ -220,6 +220,38 @@ async def test_request_limits_before_queueing(
         assert isinstance(events[-1], End) and events[-1].usage.completion_tokens == 6
 
 
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        {"n_predict": -1},
+        {"max_tokens": -1},
+        {"max_completion_tokens": -1},
+        {"max_tokens": 3, "n_predict": -1},
+        {"max_tokens": 3, "max_completion_tokens": -1},
+    ],
+    ids=lambda lengths: ",".join(f"{k}={v}" for k, v in lengths.items()),
+)
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+async def test_minus_one_cannot_exceed_the_cap(
+    tmp_path: Path, tiny_chat: Path, lengths: dict[str, int], kind: Any
+) -> None:
+    # The tiny model never stops on its own: without the cap it fills the 512-token context.
+    settings = settings_for(
+        tmp_path, {"chat": {**chat_model(tiny_chat, n_ctx=512), "max_tokens_cap": 6}}
+    )
+    body: dict[str, Any] = {"messages": MESSAGES} if kind == "chat" else {"prompt": "hi"}
+    async with running_router(settings) as (_, client):
+        for stream in (False, True):
+            events = [
+                e
+                async for e in client.generate(
+                    "chat", {**body, **lengths, "stream": stream}, kind=kind
+                )
+            ]
+            assert isinstance(events[-1], End)
+            assert 1 <= events[-1].usage.completion_tokens <= 6, (stream, events[-1].usage)
+
+
 async def collect(client: RouterClient, body: dict[str, Any]) -> list[GenerateEvent]:
     return [e async for e in client.generate("chat", body)]
 
