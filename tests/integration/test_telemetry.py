@@ -14,10 +14,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients import Chunk, GenerateEvent, ModelNotFoundError, RateLimitError, RouterClient
 from clients.errors import UnavailableError, WrongModelKindError
+from facade.app import create_app
 from router.server import Router
 from router.v1 import model_control_service_pb2 as mpb
 from tests.helpers import chat_model, embed_model, running_router, settings_for, wait_until
@@ -319,24 +321,73 @@ async def test_scrapes_never_load_or_keep_a_model_awake(tmp_path: Path, tiny_cha
     assert IDLE_TTL / 2 <= left_ready - last_request <= IDLE_TTL + IDLE_MARGIN
 
 
+def assert_numbers(stats: dict[str, Any]) -> None:
+    """Every field of a summary's stats is a JSON number (the seed sent "0.123s" strings)."""
+    for name, number in stats.items():
+        assert type(number) in (int, float), (name, number)
+
+
 async def test_summary_counts_numbers_and_errors(
     tmp_path: Path, tiny_chat: Path, tiny_embed: Path
 ) -> None:
     settings = settings_for(
-        tmp_path, {"chat": chat_model(tiny_chat), "embed": embed_model(tiny_embed)}
+        tmp_path,
+        {"chat": chat_model(tiny_chat, n_ctx=65536), "embed": embed_model(tiny_embed)},
     )
-    async with running_router(settings) as (_, client):
+    async with running_router(settings) as (router, client):
         for _ in range(3):
             await run(client, "chat", max_tokens=16, stream=True)
         with pytest.raises(WrongModelKindError):
             await run(client, "embed", max_tokens=2)
+        supervisor = router.pool.get("chat")
+        # A crash under a running request: 5xx.
+        crashed = asyncio.create_task(run(client, "chat", max_tokens=60000, stream=True))
+        await wait_until(lambda: supervisor.in_flight == 1, 5)
+        assert supervisor.child is not None
+        os.kill(supervisor.child.pid, signal.SIGKILL)
+        with pytest.raises(UnavailableError):
+            await crashed
+        # A caller that leaves mid-generation: cancelled, not an error.
+        cancelled = asyncio.create_task(run(client, "chat", max_tokens=60000, stream=True))
+        await wait_until(lambda: supervisor.in_flight == 1, 10)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+
+        async def recorded() -> bool:
+            reply = await client.control.GetTelemetrySummary(mpb.GetTelemetrySummaryRequest())
+            return reply.total.requests == 6
+
+        await wait_until(recorded, 5)
         summary = await client.control.GetTelemetrySummary(mpb.GetTelemetrySummaryRequest())
+        # The same numbers over HTTP, through the facade's bridge route.
+        app = create_app(settings, client=client)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as http:
+            response = await http.get("/v1/telemetry/summary")
+            assert response.status == 200
+            body = await response.json()
     chat, embed, total = summary.per_model["chat"], summary.per_model["embed"], summary.total
-    assert chat.requests == 3 and chat.completion_tokens == 48
+    assert chat.requests == 5 and chat.completion_tokens >= 48
+    assert chat.errors_4xx == 0 and chat.errors_5xx == 1 and chat.cancelled == 1
+    assert chat.error_rate == pytest.approx(1 / 5)
     assert 0 < chat.ttft_p50_ms <= chat.latency_p50_ms <= chat.latency_p95_ms
     assert chat.tokens_per_second > 0
     assert embed.requests == 1 and embed.errors_4xx == 1 and embed.error_rate == 1.0
-    assert total.requests == 4 and total.errors_4xx == 1 and total.error_rate == 0.25
+    assert total.requests == 6 and total.errors_4xx == 1 and total.errors_5xx == 1
+    assert total.cancelled == 1 and total.error_rate == pytest.approx(2 / 6)
+
+    assert type(body["window_sec"]) in (int, float) and body["window_sec"] > 0
+    assert set(body["per_model"]) == {"chat", "embed"}
+    for stats in (body["total"], *body["per_model"].values()):
+        assert_numbers(stats)
+    assert body["total"]["requests"] == 6
+    assert body["total"]["errors_4xx"] == 1
+    assert body["total"]["errors_5xx"] == 1
+    assert body["total"]["cancelled"] == 1
+    assert body["per_model"]["chat"]["errors_5xx"] == 1
+    assert body["per_model"]["chat"]["cancelled"] == 1
+    assert body["per_model"]["chat"]["latency_p95_ms"] == pytest.approx(chat.latency_p95_ms)
+    assert body["total"]["error_rate"] == pytest.approx(2 / 6)
 
 
 async def test_status_file_follows_every_change(tmp_path: Path, tiny_chat: Path) -> None:
