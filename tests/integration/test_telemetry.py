@@ -17,12 +17,22 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients import Chunk, GenerateEvent, ModelNotFoundError, RateLimitError, RouterClient
+from clients import Chunk, End, GenerateEvent, ModelNotFoundError, RateLimitError, RouterClient
 from clients.errors import UnavailableError, WrongModelKindError
 from facade.app import create_app
 from router.server import Router
 from router.v1 import model_control_service_pb2 as mpb
-from tests.helpers import chat_model, embed_model, running_router, settings_for, wait_until
+from tests.e2e.test_observability import otlp_receiver
+from tests.helpers import (
+    chat_model,
+    embed_model,
+    free_port,
+    router_process,
+    running_router,
+    settings_for,
+    wait_until,
+    write_config,
+)
 
 PROMPT = {"messages": [{"role": "user", "content": "hello world"}], "temperature": 0}
 PROMTOOL = str(Path(sys.executable).parent / "promtool")
@@ -419,3 +429,57 @@ async def test_chunks_count_as_output_for_ttft(tmp_path: Path, tiny_chat: Path) 
     end = events[-1]
     assert chunks and end.timing.ttft_ms > 0  # type: ignore[union-attr]
     assert end.timing.ttft_ms <= end.timing.total_ms  # type: ignore[union-attr]
+
+
+# A caller's W3C trace context: the router continues this trace, so its id is known here.
+CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_TRACEPARENT = f"00-{CALLER_TRACE_ID}-00f067aa0ba902b7-01"
+
+
+def test_json_logs_carry_request_and_trace_ids(
+    tmp_path: Path, tiny_chat: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A router process with STRUCTURED_LOGS and tracing on: every line it logs while serving
+    a Generate (here a cold one, so the load logs too) names that call's request and trace."""
+    port = free_port()
+    log = tmp_path / "router.log"
+    monkeypatch.setenv("STRUCTURED_LOGS", "true")  # the seed's switch, inherited by the router
+    with otlp_receiver() as (receiver, otlp_port):
+        config = write_config(
+            tmp_path,
+            {"chat": chat_model(tiny_chat)},
+            grpc_port=port,
+            telemetry={"otlp_endpoint": f"http://127.0.0.1:{otlp_port}"},
+        )
+        with router_process(config, port, log=log):
+            before = log.stat().st_size
+
+            async def generate() -> None:
+                async with RouterClient(f"127.0.0.1:{port}") as client:
+                    metadata = (
+                        ("x-request-id", "req-json-logs-1"),
+                        ("traceparent", CALLER_TRACEPARENT),
+                    )
+                    events = await run_with(client, metadata)
+                    assert isinstance(events[-1], End)
+                    await asyncio.sleep(0.2)  # lines written as the call ended
+
+            asyncio.run(generate())
+            during = log.read_bytes()[before:].decode().splitlines()
+        receiver.wait_for(
+            lambda spans: any(
+                s.service == "routermodel-router" and s.trace_id == CALLER_TRACE_ID for s in spans
+            )
+        )
+    lines = [json.loads(line) for line in during]  # every line is one JSON object
+    # The cold start logs its transitions; fewer lines would make the check below vacuous.
+    assert len(lines) >= 3, during
+    for line in lines:
+        assert line["request_id"] == "req-json-logs-1", line
+        assert line["trace_id"] == CALLER_TRACE_ID, line
+
+
+async def run_with(client: RouterClient, metadata: tuple[tuple[str, str], ...]) -> list[Any]:
+    return [
+        e async for e in client.generate("chat", {**PROMPT, "max_tokens": 4}, metadata=metadata)
+    ]
