@@ -1,9 +1,12 @@
 """OpenTelemetry tracing setup, shared by the router and the facade.
 
 Export is on when ``telemetry.otlp_endpoint`` or the standard
-``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is set (and ``OTEL_SDK_DISABLED`` is
-not): OTLP over gRPC, batched. Without it nothing is installed and the API's
-no-op tracer costs nothing on the hot path.
+``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is set: OTLP over gRPC, batched. The
+configured endpoint wins (like an argument given in code over the environment, as
+the OpenTelemetry SDKs do), then the traces-specific variable, then the generic one.
+``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turn export off whatever
+is configured. Without export nothing is installed and the API's no-op tracer
+costs nothing on the hot path.
 
 ``CancelledCallInterceptor`` completes the public grpc.aio server instrumentation: a call the
 client cancelled otherwise keeps ``rpc.grpc.status_code`` 0 (OK) on its span.
@@ -24,7 +27,13 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def otlp_endpoint(configured: str | None, env: Mapping[str, str] = os.environ) -> str | None:
-    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    """Where to export spans, or None for no export."""
+    # Parsed as the SDK parses it (trimmed, any case), so the two never disagree.
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    # The standard way to switch off one signal's exporter; other exporter names are not
+    # ours to serve and leave OTLP on.
+    if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
         return None
     return (
         configured
