@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +25,7 @@ from router.server import Router
 from router.v1 import model_control_service_pb2 as mpb
 from tests.e2e.test_observability import otlp_receiver
 from tests.helpers import (
+    REPO,
     chat_model,
     embed_model,
     free_port,
@@ -483,3 +485,44 @@ async def run_with(client: RouterClient, metadata: tuple[tuple[str, str], ...]) 
     return [
         e async for e in client.generate("chat", {**PROMPT, "max_tokens": 4}, metadata=metadata)
     ]
+
+
+CHILD_LINES = 3000  # more than the RPC's cap, fewer than the ring configured below
+
+
+async def test_child_logs_rpc_is_capped(tmp_path: Path, tiny_chat: Path) -> None:
+    """Asking for a million lines of a child's log returns the last 2000, however many the
+    ring holds: one admin call cannot make the router build an unbounded reply."""
+    server = tmp_path / "chatty-llama-server"
+    # A real child that writes CHILD_LINES numbered lines to stderr, then serves normally.
+    server.write_text(
+        f'#!/bin/sh\nseq 1 {CHILD_LINES} | sed "s/^/line /" >&2\n'
+        f'cd "{REPO}"\nexec "{sys.executable}" -m tests.fakes.llama_server "$@"\n'
+    )
+    server.chmod(0o755)
+    settings = settings_for(
+        tmp_path,
+        {"chat": chat_model(tiny_chat)},
+        system={"llama_server_path": str(server), "log_ring_lines": 2 * CHILD_LINES},
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("chat")
+        supervisor = router.pool.get("chat")
+        await wait_until(lambda: len(supervisor.tail_log(10 * CHILD_LINES)) >= CHILD_LINES, 5)
+        held = len(supervisor.tail_log(10 * CHILD_LINES))
+
+        async def logs(lines: int) -> list[str]:
+            request = mpb.GetModelLogsRequest(model="chat", lines=lines)
+            return list((await client.control.GetModelLogs(request)).lines)
+
+        huge = await logs(10**6)
+        newest = supervisor.tail_log(2000)  # the child is idle: nothing logged in between
+        default = await logs(0)
+        few = await logs(5)
+        with pytest.raises(grpc.aio.AioRpcError) as negative:
+            await logs(-1)
+    assert held > 2000  # the ring really holds more than the cap
+    assert len(huge) == 2000
+    assert huge == newest and huge[0].startswith("line ")
+    assert len(default) == 200 and few == huge[-5:]
+    assert negative.value.code() is grpc.StatusCode.INVALID_ARGUMENT
