@@ -36,6 +36,8 @@ _HEALTH_TO_PB = {
     "down": mpb.MODEL_HEALTH_STATUS_DOWN,
     "not_running": mpb.MODEL_HEALTH_STATUS_NOT_RUNNING,
 }
+# GetModelLogs replies at most this many lines, whatever is asked: the ring may hold up to
+# 100,000 (system.log_ring_lines), and one admin call should not build a reply that large.
 _MAX_LOG_LINES = 2000
 
 
