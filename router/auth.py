@@ -17,6 +17,12 @@ the configuration only allows on loopback):
 
 A model outside a key's allow-list is reported as not found, as OpenAI does.
 Keys are compared in constant time.
+
+Rate limits: a request takes one unit from its key's request bucket when admitted; tokens are
+charged after the fact (``TokenCharge``: usage, or the chunks delivered when a stream ends
+early), and a key is refused while its token bucket is empty or in debt. Requests admitted
+together can overdraw it; the debt then delays the key's next requests, so the rate holds
+on average.
 """
 
 from __future__ import annotations
@@ -80,6 +86,12 @@ class TokenBucket:
         now = self._clock()
         self._level = min(self._capacity, self._level + (now - self._updated) * self._rate)
         self._updated = now
+
+    @property
+    def level(self) -> float:
+        """Units available now (negative while in debt)."""
+        self._refill()
+        return self._level
 
     def take(self, amount: float = 1.0) -> float:
         """Take ``amount`` now and return 0, or return the seconds until it could be taken."""
@@ -203,12 +215,42 @@ def check_request(principal: Principal, request: Any) -> None:
                 raise RateLimited(f"rate limit of this key's {what} reached", retry_after=wait)
 
 
-def _used_tokens(response: Any) -> int:
-    if isinstance(response, inference_service_pb2.GenerateResponse) and response.HasField("end"):
-        return response.end.usage.prompt_tokens + response.end.usage.completion_tokens
-    if isinstance(response, inference_service_pb2.EmbedResponse):
-        return response.usage.prompt_tokens
-    return 0
+class TokenCharge:
+    """The tokens one call used, charged to its key's bucket once, however the call ends.
+
+    Why after the fact rather than reserving max_tokens up front: this interceptor does not
+    know the length a request will be given (the model's cap and context live in the pool, and
+    the body is JSON only the engine parses), so a reservation would be a guess needing a
+    refund path anyway. Usage from llama-server (the End event) is exact; a stream that is
+    abandoned or fails before its End is charged one token per upstream chunk it delivered
+    (llama-server streams one token per chunk), so leaving early is no way around the limit.
+    """
+
+    __slots__ = ("_bucket", "_pending")
+
+    def __init__(self, bucket: TokenBucket) -> None:
+        self._bucket = bucket
+        self._pending = 0
+
+    def count(self, response: Any) -> None:
+        """Account for one response message about to be sent."""
+        if isinstance(response, inference_service_pb2.GenerateResponse):
+            if response.HasField("chunk"):
+                self._pending += len(response.chunk.data)
+            elif response.HasField("end"):
+                usage = response.end.usage
+                # Usage 0 = llama-server did not report it: keep the chunk count.
+                self._pending = usage.prompt_tokens + usage.completion_tokens or self._pending
+                self.settle()
+        elif isinstance(response, inference_service_pb2.EmbedResponse):
+            self._pending = response.usage.prompt_tokens
+            self.settle()
+
+    def settle(self) -> None:
+        """Charge what is counted and not yet charged (safe to call any number of times)."""
+        if self._pending:
+            self._bucket.debit(self._pending)
+            self._pending = 0
 
 
 if TYPE_CHECKING:
@@ -248,7 +290,7 @@ class AuthInterceptor(_ServerInterceptor):
                 principal = admit(request)
                 response = await behavior(request, context)
                 if principal.tokens is not None:
-                    principal.tokens.debit(_used_tokens(response))
+                    TokenCharge(principal.tokens).count(response)
                 return response
 
             return guarded
@@ -258,10 +300,20 @@ class AuthInterceptor(_ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 principal = admit(request)
-                async for response in behavior(request, context):
-                    if principal.tokens is not None:
-                        principal.tokens.debit(_used_tokens(response))
-                    yield response
+                if principal.tokens is None:
+                    async for response in behavior(request, context):
+                        yield response
+                    return
+                charge = TokenCharge(principal.tokens)
+                # grpc.aio does not always resume a streaming handler whose client went away
+                # (see router.interceptors._EarlyEnd), so the call's end settles the charge too.
+                context.add_done_callback(lambda _: charge.settle())  # type: ignore[arg-type]
+                try:
+                    async for response in behavior(request, context):
+                        charge.count(response)
+                        yield response
+                finally:
+                    charge.settle()
 
             return guarded
 

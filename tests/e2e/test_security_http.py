@@ -43,6 +43,7 @@ KEYS = {
     "admin": "adm-key-0123456789",
     "high": "high-key-0123456789",
     "limited": "lim-key-0123456789",
+    "tokens": "tok-key-0123456789",
     "wrong": "not-a-configured-key",
 }
 AUTH = {
@@ -52,6 +53,7 @@ AUTH = {
         {"key": KEYS["admin"], "scopes": ["admin"]},
         {"key": KEYS["high"], "scopes": ["inference"], "allow_high_priority": True},
         {"key": KEYS["limited"], "scopes": ["inference"], "requests_per_minute": 2},
+        {"key": KEYS["tokens"], "scopes": ["inference"], "tokens_per_minute": 5},
     ]
 }
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -247,6 +249,29 @@ async def test_the_rate_limit_is_429_with_retry_after(stack: Stack) -> None:
     error = assert_envelope(status, body)
     assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
     assert int(response_headers["Retry-After"]) >= 1
+
+
+async def test_the_token_rate_limit_is_429_with_retry_after(stack: Stack) -> None:
+    headers = key_headers("tokens")
+    async with session_for(stack.base_url) as session:
+        # 5 tokens a minute: the prompt and 6 generated tokens put the key in debt.
+        used = await call(
+            session, "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 6}, headers
+        )
+        refused = await call(session, "POST", "/v1/chat/completions", CHAT, headers)
+        streamed = await call(
+            session, "POST", "/v1/chat/completions", {**CHAT, "stream": True}, headers
+        )
+
+    assert used[0] == 200 and used[1]["usage"]["total_tokens"] > 5
+    for status, body, response_headers in (refused, streamed):
+        assert status == 429, body
+        error = assert_envelope(status, body)
+        assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+        assert "tokens" in error["message"]
+        # In debt by (total - 5) tokens, repaid at 5 a minute.
+        debt = used[1]["usage"]["total_tokens"] - 5
+        assert debt * 12 - 1 <= int(response_headers["Retry-After"]) <= debt * 12 + 1
 
 
 # Limits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import (
     AuthenticationError,
+    Chunk,
+    DeadlineExceededError,
     End,
     GenerateEvent,
     ModelNotFoundError,
@@ -27,7 +30,7 @@ from clients import (
 from clients.errors import InvalidRequestError
 from router.v1 import model_control_service_pb2 as mpb
 from tests.certs import make_pki
-from tests.helpers import chat_model, embed_model, running_router, settings_for
+from tests.helpers import chat_model, embed_model, running_router, settings_for, wait_until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 PROMPT = {"messages": MESSAGES, "max_tokens": 4}
@@ -38,7 +41,9 @@ KEYS = {
     "admin": "adm-key-0123456789",
     "high": "high-key-0123456789",
     "limited": "lim-key-0123456789",
+    "tokens": "tok-key-0123456789",
 }
+TOKENS_PER_MINUTE = 10
 
 
 def keyed_settings(tmp_path: Path, tiny_chat: Path, tiny_embed: Path, **extra: Any) -> Any:
@@ -56,6 +61,11 @@ def keyed_settings(tmp_path: Path, tiny_chat: Path, tiny_embed: Path, **extra: A
                 {"key": KEYS["admin"], "scopes": ["admin"], "name": "ops"},
                 {"key": KEYS["high"], "scopes": ["inference"], "allow_high_priority": True},
                 {"key": KEYS["limited"], "scopes": ["inference"], "requests_per_minute": 2},
+                {
+                    "key": KEYS["tokens"],
+                    "scopes": ["inference"],
+                    "tokens_per_minute": TOKENS_PER_MINUTE,
+                },
             ]
         },
         **extra,
@@ -140,6 +150,58 @@ async def test_rate_limit_refuses_with_retry_after(
         # Other keys are not affected.
         async with RouterClient(f"127.0.0.1:{router.port}", api_key=KEYS["inference"]) as other:
             await generate(other)
+
+
+async def test_token_rate_limit_refuses_with_retry_after(
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path
+) -> None:
+    settings = keyed_settings(tmp_path, tiny_chat, tiny_embed)
+    async with running_router(settings) as (router, _):
+        async with RouterClient(f"127.0.0.1:{router.port}", api_key=KEYS["tokens"]) as client:
+            body = {"messages": MESSAGES, "max_tokens": TOKENS_PER_MINUTE}
+            used = (await collect(client, body))[-1]
+            assert isinstance(used, End) and used.usage.total_tokens > TOKENS_PER_MINUTE
+            with pytest.raises(RateLimitError) as caught:
+                await collect(client, PROMPT)
+            with pytest.raises(RateLimitError):
+                await client.embed("embed", ["hello"])
+        assert caught.value.reason == "RATE_LIMITED" and "tokens" in str(caught.value)
+        # In debt by what the request used beyond the bucket: that long at 10 a minute.
+        debt = used.usage.total_tokens - TOKENS_PER_MINUTE
+        assert caught.value.retry_after is not None
+        assert debt * 6 - 1 <= caught.value.retry_after <= debt * 6 + 1
+        async with RouterClient(f"127.0.0.1:{router.port}", api_key=KEYS["inference"]) as other:
+            await generate(other)
+
+
+@pytest.mark.parametrize("how", ["aclose", "deadline"])
+async def test_leaving_a_stream_early_is_charged(
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path, how: str
+) -> None:
+    # The audit's bypass: streams left before their End were never charged, so a key could
+    # draw any number of tokens by reading part of each response.
+    settings = keyed_settings(tmp_path, tiny_chat, tiny_embed)
+    async with running_router(settings) as (router, _):
+        bucket = router.authenticator.principal(KEYS["tokens"]).tokens  # type: ignore[union-attr]
+        assert bucket is not None
+        async with RouterClient(f"127.0.0.1:{router.port}", api_key=KEYS["admin"]) as admin:
+            await admin.load("chat")  # so the deadline below runs out while tokens flow
+        async with RouterClient(f"127.0.0.1:{router.port}", api_key=KEYS["tokens"]) as client:
+            body = {"messages": MESSAGES, "max_tokens": 4000, "stream": True}
+            received = 0
+            events = client.generate("chat", body, timeout=None if how == "aclose" else 0.3)
+            with contextlib.suppress(DeadlineExceededError):
+                async for event in events:
+                    assert not isinstance(event, End)  # 4000 tokens take ~0.7 s or more
+                    if isinstance(event, Chunk):
+                        received += len(event.data)
+                        if how == "aclose" and received >= TOKENS_PER_MINUTE:
+                            break
+            await events.aclose()
+            assert received >= TOKENS_PER_MINUTE
+            await wait_until(lambda: bucket.level <= 0, timeout=5)
+            with pytest.raises(RateLimitError):
+                await collect(client, PROMPT)
 
 
 async def test_health_is_open_and_reflection_needs_a_key(
