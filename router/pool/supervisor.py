@@ -635,10 +635,13 @@ class Supervisor:
         return True
 
     async def evict(self, *, idle: bool = False) -> bool:
-        """Stop for room (or after the idle TTL) if still idle: a request may have arrived."""
-        if self.state is not S.READY or self.queue.running > 0 or self.settings.pinned:
-            return False
-        if self.busy:
+        """Stop for room (or after the idle TTL) if still idle: a request may have arrived.
+
+        Nothing is awaited between the idle check and the step out of READY (in ``_stop``):
+        a request arriving after the decision finds no free slot and waits for a reload,
+        instead of being granted a slot on a child that is about to be stopped under it.
+        """
+        if self.state is not S.READY or self.busy or self.settings.pinned:
             return False
         if idle:
             _LOGGER.info("%s: idle for %g s, unloading", self.alias, self.settings.ttl_sec or 0)
@@ -651,6 +654,11 @@ class Supervisor:
 
     async def _stop(self, *, drain: float, error: RouterError | None) -> None:
         if self._stopping is None:
+            # Leave READY now (capacity 0), not when the task first runs: in between, a
+            # request would be granted a slot the stop then takes away.
+            self._cancel_idle_timer()
+            if self.state is S.READY:
+                self._transition(S.DRAINING)
             self._stopping = asyncio.create_task(self._do_stop(drain, error))
         try:
             await asyncio.shield(self._stopping)

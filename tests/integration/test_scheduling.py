@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 
 from clients import End, GenerateEvent, Loading, Queued, RouterClient, UnavailableError
+from router.pool.snapshot import LoadStage
+from router.pool.state import ModelState
+from router.scheduler.queue import Priority
 from router.v1 import model_control_service_pb2 as mpb
 from tests.helpers import chat_model, fake_server, running_router, settings_for, wait_until
 
@@ -269,3 +272,33 @@ async def test_one_load_at_a_time_per_device_without_blocking_ready_models(
     first_ready = next(i for i, (_, state) in enumerate(order) if state == "ready")
     starts_before = [a for a, state in order[:first_ready] if state == "starting"]
     assert len(starts_before) == 1, order  # the second spawn waited for the first to be ready
+
+
+async def test_a_request_arriving_as_an_eviction_begins_waits_for_a_reload(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    """The eviction decided the model was idle; a request arriving right after must not get a
+    slot on the child being stopped (it used to, and was then aborted with MODEL_UNLOADED)."""
+    settings = settings_for(
+        tmp_path,
+        {"m": chat_model(tiny_chat)},
+        system={"llama_server_path": fake_server(tmp_path)},
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("m")
+        supervisor = router.pool.get("m")
+        evicted_pid = supervisor.child.pid  # type: ignore[union-attr]
+        evicting = asyncio.create_task(supervisor.evict())
+        await asyncio.sleep(0)  # evict() has run up to its first await: the decision is made
+        ticket = supervisor.enter(Priority.NORMAL)
+        try:
+            progress = [event async for event in ticket.progress()]
+            assert await evicting
+            lease = ticket.lease
+            assert lease.abort_error is None
+            assert LoadStage.READY in progress  # it waited for a load, not the old child
+            assert supervisor.state is ModelState.READY
+            assert supervisor.child is not None and supervisor.child.pid != evicted_pid
+            assert lease.upstream is supervisor.upstream
+        finally:
+            ticket.close()
