@@ -327,4 +327,10 @@ class AuthInterceptor(_ServerInterceptor):
 
             return guarded
 
-        return rewrap(handler, unary=guard_unary, stream=guard_stream, bidi=guard_bidi)
+        return rewrap(
+            handler,
+            unary=guard_unary,
+            stream=guard_stream,
+            bidi=guard_bidi,
+            refuse=PermissionDenied("this method cannot be authorized"),
+        )

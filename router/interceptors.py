@@ -80,10 +80,13 @@ def rewrap(
     unary: Callable[[Unary], Unary] | None = None,
     stream: Callable[[Stream], Stream] | None = None,
     bidi: Callable[[Bidi], Bidi] | None = None,
+    refuse: RouterError | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """``handler`` with its behavior wrapped by the function given for its kind; a kind
-    without one is returned as is. (grpc-stubs types behaviors as synchronous; on a grpc.aio
-    server they are coroutines and async generators.)"""
+    without one is returned as is, or, given ``refuse``, replaced by a handler that ends every
+    call with that error: an interceptor that guards calls (auth) must fail closed on a kind
+    it has no guard for, e.g. a client-streaming RPC added later. (grpc-stubs types behaviors
+    as synchronous; on a grpc.aio server they are coroutines and async generators.)"""
     if handler is None:
         return handler  # type: ignore[return-value]  # an unknown method: grpc answers it
     codec = {
@@ -100,7 +103,29 @@ def rewrap(
         return grpc.stream_stream_rpc_method_handler(
             bidi(cast(Bidi, handler.stream_stream)), **codec
         )
-    return handler
+    if refuse is None:
+        return handler
+    return _refusing(handler, refuse, codec)
+
+
+def _refusing(
+    handler: grpc.RpcMethodHandler[Any, Any], error: RouterError, codec: dict[str, Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of ``handler``'s kind whose every call ends with ``error``, unserved."""
+
+    async def refused(_request: Any, context: _Context) -> None:
+        # A coroutine serves any of the four kinds on grpc.aio (it may write, not yield).
+        _LOGGER.error("refused %s: no guard for its kind of call", _method(context))
+        await abort_with(context, error)
+
+    behavior: Any = refused
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(behavior, **codec)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(behavior, **codec)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(behavior, **codec)
+    return grpc.stream_stream_rpc_method_handler(behavior, **codec)
 
 
 class ErrorInterceptor(_ServerInterceptor):
