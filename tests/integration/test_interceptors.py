@@ -70,8 +70,9 @@ async def test_a_client_streaming_call_is_refused_even_with_an_admin_key(
 ) -> None:
     target, served = server
     async with grpc.aio.insecure_channel(target) as channel:
-        ping = channel.unary_unary("/test.Synthetic/Ping")
-        upload = channel.stream_unary("/test.Synthetic/Upload")
+        codec = {"request_serializer": _identity, "response_deserializer": _identity}
+        ping = channel.unary_unary("/test.Synthetic/Ping", **codec)
+        upload = channel.stream_unary("/test.Synthetic/Upload", **codec)
         assert await ping(b"x", metadata=METADATA, timeout=10) == b"x"  # the key works
         with pytest.raises(grpc.aio.AioRpcError) as anonymous:
             await ping(b"x", timeout=10)
