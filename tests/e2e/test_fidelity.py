@@ -3,12 +3,15 @@
 The reference is a second embedded llama-server started with exactly the command line the
 router gave its child (read from /proc), on another port. Both get the same requests; the
 answers must match field by field except `id`, `created` and `timings` (per request), chunk
-by chunk when streamed.
+by chunk when streamed. Embedding vectors are compared at float precision: llama-server
+computes float32 and the router carries them as `repeated float`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import struct
 import subprocess
 import urllib.error
 import urllib.request
@@ -19,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.stack import Stack, get_json, post_json, running_stack, stop_process, wait_for_http
-from tests.helpers import REPO, chat_model, free_port
+from tests.helpers import REPO, chat_model, embed_model, fake_server, free_port
 
 VARYING = ("id", "created", "timings")
 MESSAGES = [{"role": "user", "content": "hello world the router"}]
@@ -57,16 +60,33 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_chat: Path) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_chat: Path, tiny_embed: Path
+) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("fidelity")
-    with running_stack(directory, {"chat": chat_model(tiny_chat, parallel_override=2)}) as running:
+    models = {"chat": chat_model(tiny_chat, parallel_override=2), "embed": embed_model(tiny_embed)}
+    with running_stack(directory, models) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def reference(stack: Stack) -> Iterator[tuple[str, str]]:
-    """(base URL, API key) of a llama-server started like the router's child."""
-    status, loaded = post_json(f"{stack.base_url}/v1/models/chat/load", {"wait": True})
+    """(base URL, API key) of a llama-server started like the router's chat child."""
+    with started_like_child(stack, "chat") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def embed_reference(stack: Stack) -> Iterator[tuple[str, str]]:
+    """(base URL, API key) of a llama-server started like the router's embedding child."""
+    with started_like_child(stack, "embed") as running:
+        yield running
+
+
+@contextlib.contextmanager
+def started_like_child(stack: Stack, alias: str) -> Iterator[tuple[str, str]]:
+    """Load `alias` and start a second llama-server with its child's exact command line."""
+    status, loaded = post_json(f"{stack.base_url}/v1/models/{alias}/load", {"wait": True})
     assert status == 200, loaded
     argv = Path(f"/proc/{loaded['model']['pid']}/cmdline").read_bytes().split(b"\0")[:-1]
     command = [arg.decode() for arg in argv]
@@ -170,4 +190,57 @@ def test_the_model_ids_agree(stack: Stack, reference: tuple[str, str]) -> None:
     status, ours = get_json(f"{stack.base_url}/v1/models")
 
     assert status == 200
-    assert [model["id"] for model in ours["data"]] == [m["id"] for m in theirs["data"]]
+    # The child reports its --alias; the facade lists every configured model, chat among them.
+    assert [m["id"] for m in theirs["data"]] == ["chat"]
+    assert [model["id"] for model in ours["data"]] == ["chat", "embed"]
+
+
+EMBED_INPUTS = ["hello world", "the router batches inputs", "x"]
+
+
+def as_float32(vector: list[float]) -> list[float]:
+    """`vector` rounded to float32, the precision llama-server computes and the router carries."""
+    return list(struct.unpack(f"{len(vector)}f", struct.pack(f"{len(vector)}f", *vector)))
+
+
+def test_embeddings_equal_llama_servers_own(stack: Stack, embed_reference: tuple[str, str]) -> None:
+    body = {"model": "embed", "input": EMBED_INPUTS}
+    direct_url, api_key = embed_reference
+
+    ours = json.loads(send(stack.base_url + "/v1/embeddings", body))
+    theirs = json.loads(send(direct_url + "/v1/embeddings", body, api_key))
+
+    assert ours["model"] == theirs["model"] == "embed"
+    assert ours["usage"] == theirs["usage"]
+    assert ours["usage"]["prompt_tokens"] > len(EMBED_INPUTS)  # counted, not one per input
+    assert [d["index"] for d in ours["data"]] == [0, 1, 2]
+    assert len(ours["data"]) == len(theirs["data"]) == len(EMBED_INPUTS)
+    for mine, original in zip(ours["data"], theirs["data"], strict=True):
+        assert {k: v for k, v in mine.items() if k != "embedding"} == {
+            k: v for k, v in original.items() if k != "embedding"
+        }
+        assert all(type(x) is float for x in mine["embedding"])
+        assert as_float32(mine["embedding"]) == as_float32(original["embedding"])
+    # Different inputs, different vectors: the comparison above is not between constants.
+    assert ours["data"][0]["embedding"] != ours["data"][1]["embedding"]
+    assert set(ours) == set(theirs)
+
+
+def test_an_embeddings_batch_is_one_upstream_call(tmp_path: Path, tiny_embed: Path) -> None:
+    """Three inputs reach the child in one POST (the seed sent one request per input)."""
+    stats = tmp_path / "stats.json"
+    server = fake_server(tmp_path, f"--stats-file {stats}")
+    with running_stack(
+        tmp_path, {"embed": embed_model(tiny_embed)}, system={"llama_server_path": server}
+    ) as running:
+        status, answer = post_json(
+            f"{running.base_url}/v1/embeddings", {"model": "embed", "input": EMBED_INPUTS}
+        )
+        assert status == 200, answer
+        counted = json.loads(stats.read_text())
+    assert counted["requests"] == 1
+    assert counted["embedding_inputs"] == [len(EMBED_INPUTS)]
+    # The fake's vectors are [len(input), index, 1]: each answer came from that one call.
+    assert [d["embedding"] for d in answer["data"]] == [
+        [float(len(text)), float(i), 1.0] for i, text in enumerate(EMBED_INPUTS)
+    ]

@@ -10,7 +10,9 @@ Knobs:
   --exit-at-start CODE  print --exit-message to stderr and exit before binding.
   --crash-after-tokens N  os._exit(137-style) after N streamed tokens in total.
   --ignore-sigterm      keep running on SIGTERM (the router must SIGKILL).
-  --stats-file PATH     after each request, write {"max_concurrent", "requests"} there.
+  --stats-file PATH     after each request, write {"max_concurrent", "requests",
+                        "embedding_inputs"} there (requests counts every completion and
+                        embeddings POST; embedding_inputs lists each embeddings POST's input count).
   --port-taken-once MARKER  the first start (no MARKER file yet) fails as if its port
                         were taken, like llama-server losing a race for a free port.
 """
@@ -60,13 +62,18 @@ class Fake:
         self.current = 0
         self.max_concurrent = 0
         self.requests = 0
+        self.embedding_inputs: list[int] = []
 
     def _authorized(self, request: web.Request) -> bool:
         return not self.key or request.headers.get("Authorization") == f"Bearer {self.key}"
 
     def _write_stats(self) -> None:
         if self.args.stats_file:
-            stats = {"max_concurrent": self.max_concurrent, "requests": self.requests}
+            stats = {
+                "max_concurrent": self.max_concurrent,
+                "requests": self.requests,
+                "embedding_inputs": self.embedding_inputs,
+            }
             Path(self.args.stats_file).write_text(json.dumps(stats))
 
     async def health(self, request: web.Request) -> web.Response:
@@ -147,6 +154,9 @@ class Fake:
             return web.json_response({"error": {"type": "authentication_error"}}, status=401)
         body = await request.json()
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        self.requests += 1
+        self.embedding_inputs.append(len(inputs))
+        self._write_stats()
         data = [
             {"object": "embedding", "index": i, "embedding": [float(len(str(x))), float(i), 1.0]}
             for i, x in enumerate(inputs)
