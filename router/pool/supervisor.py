@@ -50,6 +50,10 @@ from router.v1 import errors_pb2
 
 _LOGGER = logging.getLogger(__name__)
 S = ModelState
+# A child that stays up this long has proven itself: its model's failure count starts over.
+# A crash sooner continues the count, so a child that crashes soon after each start (on its
+# first request, say) backs off further each time and opens the circuit like a failing load.
+STABLE_AFTER_SEC = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,7 @@ class SupervisorSettings:
     min_vram_mib: int
     memory_mib: int | None = None  # declared in config: replaces the estimate
     max_tokens_cap: int | None = None
+    stable_after_sec: float = STABLE_AFTER_SEC
 
 
 class Admission(Protocol):
@@ -144,6 +149,7 @@ class Supervisor:
         self._half_open = False
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._stable_timer: asyncio.TimerHandle | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.device = ""
         self.created_at = 0.0  # the model file's mtime, set by the pool at start
@@ -497,9 +503,12 @@ class Supervisor:
                 self.restarts += 1
             self._ctx.events.on_loaded(self.alias, self._load_seconds, restart=self._starts > 0)
             self._starts += 1
-            self.consecutive_failures = 0
-            self.last_error = ""
+            # The circuit is closed, but the failure count stays until the child has stayed
+            # up for a while: a crash soon after READY is the same failure happening again.
             self.retry_at = 0.0
+            self._stable_timer = asyncio.get_running_loop().call_later(
+                self.settings.stable_after_sec, self._proven_stable, child
+            )
             # Registered before READY but run after it (call_soon), so an exit in
             # between is still seen as a crash.
             child.exited.add_done_callback(partial(self._on_exit_future, child))
@@ -514,6 +523,13 @@ class Supervisor:
         measured = await asyncio.to_thread(self._ctx.measure_memory, child.pid)
         if measured and self._child is child:
             self.memory_measured_mib = measured
+            self._announce()
+
+    def _proven_stable(self, child: ChildProcess) -> None:
+        self._stable_timer = None
+        if self._child is child and self.state is S.READY and self.consecutive_failures:
+            self.consecutive_failures = 0
+            self.last_error = ""
             self._announce()
 
     def _on_loading(self) -> None:
@@ -536,6 +552,7 @@ class Supervisor:
         if self._child is child:
             self._child = None
             self._upstream = None
+            self._cancel_stable_timer()
         await asyncio.to_thread(self._ctx.registry.forget, child.pid)
         if self._key_file is not None:
             key_file, self._key_file = self._key_file, None
@@ -586,6 +603,7 @@ class Supervisor:
             return
         failure = classify_exit(child.exited.result(), self.log.tail(40))
         _LOGGER.error("%s: child crashed: %s", self.alias, failure.summary)
+        self._cancel_stable_timer()
         self._abort_leases(f"model '{self.alias}' stopped unexpectedly: {failure.summary}")
         self._transition(S.STOPPED)
         asyncio.get_running_loop().create_task(self._forget_child(child))
@@ -598,7 +616,11 @@ class Supervisor:
 
     def _after_crash(self, summary: str) -> None:
         """Bookkeeping once a crashed child is gone (state STOPPED): count the failure, then
-        open the circuit or restart (with backoff) for the requests still waiting."""
+        open the circuit or restart (with backoff) for the requests still waiting.
+
+        The count goes on from the failures before this child's start unless the child
+        stayed up for ``stable_after_sec`` (see ``_proven_stable``), so a child that keeps
+        crashing soon after READY backs off further each time and opens the circuit."""
         self._ctx.events.on_crash(self.alias)
         self._ctx.admission.release(self.alias)
         self._cancel_idle_timer()
@@ -692,6 +714,7 @@ class Supervisor:
         if child is None or self.state is not S.READY:
             return
         _LOGGER.error("%s: child pid %d stopped answering; replacing it", self.alias, child.pid)
+        self._cancel_stable_timer()
         self._abort_leases(f"model '{self.alias}' stopped responding")
         # Out of READY before the kill: no new request may reach the hung child while it dies
         # (and its exit, now expected, is not counted twice by _on_exit).
@@ -741,6 +764,11 @@ class Supervisor:
         if ttl and not self.settings.pinned and self.state is S.READY and not self.busy:
             loop = asyncio.get_running_loop()
             self._idle_timer = loop.call_later(ttl, self._idle_expired)
+
+    def _cancel_stable_timer(self) -> None:
+        if self._stable_timer is not None:
+            self._stable_timer.cancel()
+            self._stable_timer = None
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -140,6 +141,95 @@ async def test_crash_loop_opens_the_circuit_and_reset_closes_it(
         reset = await client.control.ResetModel(mpb.ResetModelRequest(model="crashy"))
         assert reset.was_failed and reset.previous_error
         assert (await client.get_model("crashy")).state == "stopped"
+
+
+async def watch_states(
+    client: RouterClient, alias: str, into: list[tuple[float, str]], subscribed: asyncio.Event
+) -> None:
+    """(monotonic time, state) of each change of ``alias`` on the status stream."""
+    async for event in client.watch():
+        subscribed.set()  # the first event is the full status
+        model = event.model
+        if event.kind == "model_update" and model is not None and model.alias == alias:
+            if not into or into[-1][1] != model.state:
+                into.append((time.monotonic(), model.state))
+
+
+async def test_a_child_crashing_soon_after_ready_backs_off_and_opens_the_circuit(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    """Each start succeeds, then the child dies on its first request. The successful load
+    used to reset the failure count, so the circuit never opened and the backoff stayed at
+    its first step (0.25 s) however long the loop went on."""
+    settings = settings_for(
+        tmp_path,
+        {"m": {**fake_model(tmp_path, "m"), "params": {"n_ctx": 131072, "parallel_override": 1}}},
+        system={
+            "llama_server_path": fake("--crash-after-tokens 1"),
+            "failure_threshold": 3,
+            "failure_cooldown_sec": 5.0,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("m")
+        states: list[tuple[float, str]] = []
+        subscribed = asyncio.Event()
+        watcher = asyncio.create_task(watch_states(client, "m", states, subscribed))
+        await asyncio.wait_for(subscribed.wait(), 5)
+
+        async def request() -> RouterError:
+            with pytest.raises(RouterError) as caught:
+                await drain(client, "m")
+            return caught.value
+
+        errors = await asyncio.gather(*(request() for _ in range(6)))
+        watcher.cancel()
+        reasons = sorted(e.reason for e in errors)
+        assert reasons == ["CIRCUIT_OPEN"] * 3 + ["MODEL_CRASHED"] * 3, reasons
+        for error in errors:
+            if error.reason == "CIRCUIT_OPEN":
+                assert error.retry_after is not None and 4 <= error.retry_after <= 5
+        supervisor = router.pool.get("m")
+        assert supervisor.state.value == "failed" and supervisor.consecutive_failures == 3
+        assert supervisor.restarts == 2
+        # The backoff before each restart grows: restart_delay(1) = 0.25 s, then 0.5 s.
+        backoffs = [
+            later[0] - earlier[0]
+            for earlier, later in zip(states, states[1:], strict=False)
+            if earlier[1] == "stopped" and later[1] == "starting"
+        ]
+        assert len(backoffs) == 2, states
+        assert backoffs[0] >= 0.24 and backoffs[1] >= 0.49, backoffs
+        # Open: answered at once, without a spawn.
+        with pytest.raises(UnavailableError) as caught:
+            await drain(client, "m")
+        assert caught.value.reason == "CIRCUIT_OPEN"
+        assert supervisor.restarts == 2 and supervisor.child is None
+
+
+async def test_a_child_that_stayed_up_starts_the_failure_count_over(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": {**fake_model(tmp_path, "m"), "params": {"n_ctx": 131072, "parallel_override": 1}}},
+        system={"llama_server_path": fake("--crash-after-tokens 1"), "failure_threshold": 2},
+    )
+    async with running_router(settings) as (router, client):
+        supervisor = router.pool.get("m")
+        supervisor.settings = dataclasses.replace(supervisor.settings, stable_after_sec=0.5)
+        await client.load("m")
+        with pytest.raises(UnavailableError):
+            await drain(client, "m")
+        assert supervisor.consecutive_failures == 1 and supervisor.state.value == "stopped"
+        await client.load("m")
+        assert supervisor.consecutive_failures == 1  # not yet: it has not stayed up
+        await wait_until(lambda: supervisor.consecutive_failures == 0, 2)
+        assert (await client.get_model("m")).consecutive_failures == 0
+        with pytest.raises(UnavailableError):
+            await drain(client, "m")
+        # One crash after a stable run: counted alone, the circuit stays closed.
+        assert supervisor.consecutive_failures == 1 and supervisor.state.value == "stopped"
 
 
 async def test_permanent_failure_opens_the_circuit_at_once(
