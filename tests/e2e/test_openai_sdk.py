@@ -131,6 +131,21 @@ async def test_async_client_chat_and_completions(stack: Stack) -> None:
     assert legacy.usage is not None and legacy.usage.completion_tokens == 3
 
 
+async def test_async_client_lists_models_and_raises_not_found(stack: Stack) -> None:
+    async with async_client(stack) as sdk:
+        listed = await sdk.models.list()
+        with pytest.raises(openai.NotFoundError) as unknown_chat:
+            await sdk.chat.completions.create(model="nope", messages=PROMPT)
+        with pytest.raises(openai.NotFoundError):
+            await sdk.models.retrieve("nope")
+        with pytest.raises(openai.NotFoundError):
+            await sdk.embeddings.create(model="nope", input="hi")
+
+    assert [model.id for model in listed.data] == ALIASES
+    assert unknown_chat.value.status_code == 404
+    assert unknown_chat.value.code == "model_not_found"
+
+
 # Embeddings and models
 
 
@@ -277,3 +292,74 @@ async def test_a_client_leaving_a_stream_frees_the_slot_at_once(stack: Stack) ->
             await response.content.readuntil(b"\n\n")
             first_chunk = time.monotonic() - started
     assert first_chunk < 1.0
+
+
+# With API keys
+
+
+INFERENCE_KEY = "sdk-inference-key-0123456789"  # may use "chat" only
+MONITOR_KEY = "sdk-monitor-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(tmp_path_factory: pytest.TempPathFactory, tiny_chat: Path) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("sdk-keys")
+    models = {"chat": chat_model(tiny_chat), "other": chat_model(tiny_chat)}
+    keys = [
+        {"key": INFERENCE_KEY, "scopes": ["inference"], "models": ["chat"]},
+        {"key": MONITOR_KEY, "scopes": ["monitor"]},
+    ]
+    with running_stack(directory, models, auth={"api_keys": keys}) as running:
+        yield running
+
+
+def keyed_client(stack: Stack, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key=key, max_retries=0)
+
+
+def test_keys_a_wrong_key_is_an_authentication_error(keyed_stack: Stack) -> None:
+    with keyed_client(keyed_stack, "not-a-configured-key") as sdk:
+        with pytest.raises(openai.AuthenticationError) as chat:
+            sdk.chat.completions.create(model="chat", messages=PROMPT, max_tokens=1)
+        with pytest.raises(openai.AuthenticationError):
+            sdk.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            sdk.embeddings.create(model="chat", input="hi")
+
+    assert chat.value.status_code == 401
+    assert chat.value.type == "authentication_error" and chat.value.code == "invalid_api_key"
+
+
+def test_keys_a_missing_scope_is_a_permission_error(keyed_stack: Stack) -> None:
+    # A monitor key may read status but not generate.
+    with keyed_client(keyed_stack, MONITOR_KEY) as sdk:
+        with pytest.raises(openai.PermissionDeniedError) as generate:
+            sdk.chat.completions.create(model="chat", messages=PROMPT, max_tokens=1)
+        listed = sdk.models.list()
+    # An inference key may not ask for HIGH priority unless allowed to.
+    with keyed_client(keyed_stack, INFERENCE_KEY) as sdk:
+        with pytest.raises(openai.PermissionDeniedError) as high:
+            sdk.chat.completions.create(
+                model="chat",
+                messages=PROMPT,
+                max_tokens=1,
+                extra_headers={"X-Request-Priority": "high"},
+            )
+
+    assert generate.value.status_code == 403
+    assert generate.value.type == "permission_error"
+    assert generate.value.code == "permission_denied"
+    assert [model.id for model in listed.data] == ["chat", "other"]
+    assert high.value.status_code == 403 and high.value.code == "permission_denied"
+
+
+def test_keys_a_restricted_key_sees_and_uses_only_its_models(keyed_stack: Stack) -> None:
+    with keyed_client(keyed_stack, INFERENCE_KEY) as sdk:
+        listed = sdk.models.list()
+        answer = sdk.chat.completions.create(model="chat", messages=PROMPT, max_tokens=2)
+        # Another model is as unknown to this key as a model that does not exist.
+        with pytest.raises(openai.NotFoundError):
+            sdk.chat.completions.create(model="other", messages=PROMPT, max_tokens=1)
+
+    assert [model.id for model in listed.data] == ["chat"]
+    assert answer.usage is not None and answer.usage.completion_tokens == 2
