@@ -587,7 +587,12 @@ class Supervisor:
     def _open_circuit(self, error: Unavailable | None = None) -> None:
         """FAILED until the cool-down ends; waiters fail with ``error`` (or the circuit error)."""
         self.retry_at = time.time() + self.settings.failure_cooldown_sec
-        self._transition(S.FAILED)
+        if self.state is S.FAILED:
+            # A half-open attempt that failed before it left FAILED (the model file is
+            # missing or unreadable): the circuit stays open with a new cool-down.
+            self._announce()
+        else:
+            self._transition(S.FAILED)
         if error is not None:
             error.retry_after = self.settings.failure_cooldown_sec
         self.queue.fail_waiting(error or self.circuit_error())

@@ -269,6 +269,44 @@ async def test_missing_model_file_fails_that_model_only(tmp_path: Path, fake, fa
         assert isinstance(events[-1], End)
 
 
+async def test_a_half_open_retry_of_a_missing_model_file_keeps_the_circuit_open(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    """The half-open attempt fails before it leaves FAILED; it used to raise an internal
+    failed -> failed transition error, and clients got a vague error with a 5 s hint."""
+    cooldown = 2.0
+    entry = fake_model(tmp_path, "m")
+    settings = settings_for(
+        tmp_path,
+        {"m": entry},
+        system={"llama_server_path": fake(), "failure_cooldown_sec": cooldown},
+    )
+    async with running_router(settings) as (router, client):
+        assert isinstance((await drain(client, "m"))[-1], End)
+        await client.unload("m")
+        await asyncio.to_thread(os.unlink, str(entry["model_path"]))
+        supervisor = router.pool.get("m")
+        with pytest.raises(UnavailableError) as first:
+            await drain(client, "m")
+        assert first.value.reason == "LOAD_FAILED"
+        assert supervisor.state.value == "failed"
+        with pytest.raises(UnavailableError) as cooling:
+            await drain(client, "m")
+        assert cooling.value.reason == "CIRCUIT_OPEN"
+        await wait_until(lambda: time.time() >= supervisor.retry_at, cooldown + 1)
+        with pytest.raises(UnavailableError) as half_open:
+            await drain(client, "m")
+        assert half_open.value.reason == "LOAD_FAILED"
+        assert "does not exist" in half_open.value.message
+        assert half_open.value.retry_after is not None
+        assert 1 <= half_open.value.retry_after <= cooldown
+        assert supervisor.state.value == "failed" and supervisor.consecutive_failures == 2
+        assert supervisor.retry_at - time.time() > cooldown - 0.5  # a new cool-down
+        model = await client.get_model("m")
+        assert model.state == "failed" and model.retry_at is not None
+        assert model.retry_at.timestamp() > time.time()
+
+
 async def test_child_ignoring_sigterm_is_killed_after_the_grace(
     tmp_path: Path, fake, fake_model
 ) -> None:
