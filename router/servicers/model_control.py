@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -76,21 +77,17 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
     async def LoadModel(
         self, request: mpb.LoadModelRequest, context: Context
     ) -> mpb.LoadModelResponse:
-        if request.timeout_sec < 0:
-            raise InvalidRequest("timeout_sec must not be negative")
+        timeout = _seconds(request.timeout_sec, "timeout_sec")
         supervisor = self._pool.get(request.model)
-        await supervisor.load(request.wait, request.timeout_sec or None)
+        await supervisor.load(request.wait, timeout)
         return mpb.LoadModelResponse(model=model_to_pb(supervisor.snapshot()))
 
     async def UnloadModel(
         self, request: mpb.UnloadModelRequest, context: Context
     ) -> mpb.UnloadModelResponse:
-        if request.drain_timeout_sec < 0:
-            raise InvalidRequest("drain_timeout_sec must not be negative")
+        drain_timeout = _seconds(request.drain_timeout_sec, "drain_timeout_sec")
         supervisor = self._pool.get(request.model)
-        was_running = await supervisor.unload(
-            force=request.force, drain_timeout=request.drain_timeout_sec or None
-        )
+        was_running = await supervisor.unload(force=request.force, drain_timeout=drain_timeout)
         return mpb.UnloadModelResponse(
             model=model_to_pb(supervisor.snapshot()), was_running=was_running
         )
@@ -252,6 +249,18 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
 
     def _model(self, alias: str) -> model_pb2.Model:
         return model_to_pb(self._pool.get(alias).snapshot())
+
+
+def _seconds(value: float, field: str) -> float | None:
+    """A request's duration field in seconds; 0 (unset) means the configured default (None).
+
+    Only finite, non-negative values pass: the value ends up as an asyncio timeout, and a NaN
+    deadline corrupts the event loop's timer heap (NaN compares false with everything), which
+    stalls every timer of the router: later streams, probes and the graceful stop all hang.
+    """
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequest(f"{field} must be a finite number of seconds >= 0 (got {value})")
+    return value or None
 
 
 def _stats_to_pb(stats: Stats) -> mpb.TelemetryStats:
