@@ -1014,6 +1014,10 @@ def _read_json(path: Path) -> object:
         raise ConfigError(
             [f"{path}: key {exc.args[0]!r} appears twice in the same object"], path=path
         ) from None
+    except RecursionError:
+        # json's C decoder recurses per array/object level and stops at the interpreter's limit
+        # (about 1000 levels); a config needs a handful.
+        raise ConfigError([f"{path}: invalid JSON: nested too deeply"], path=path) from None
 
 
 def _validate(raw: object, *, config_path: Path | None, env: Mapping[str, str]) -> Settings:

@@ -62,6 +62,10 @@ def _json_object(text: str) -> dict[str, Any]:
             f"the request body is not valid JSON: {error.msg} (line {error.lineno}, "
             f"column {error.colno})"
         ) from None
+    except RecursionError:
+        # json's C decoder recurses per array/object level and gives up at the interpreter's
+        # recursion limit: e.g. `[` * 100000 is a client mistake (or probe), not a facade bug.
+        raise _invalid("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object")
     return body

@@ -978,6 +978,18 @@ def test_bom_is_tolerated(tmp_path: Path) -> None:
     assert list(load_settings(path, env={}).models) == ["m"]
 
 
+@pytest.mark.parametrize("depth", [100_000, sys.getrecursionlimit() + 10])
+def test_json_nested_beyond_the_parser_is_a_config_error_naming_the_file(
+    tmp_path: Path, depth: int
+) -> None:
+    path = tmp_path / "config.json"
+    path.write_text('{"models": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    assert caught.value.problems == [f"{path}: invalid JSON: nested too deeply"]
+    assert caught.value.path == path
+
+
 # ---------------------------------------------------------------------------------------------
 # API keys
 
