@@ -362,7 +362,8 @@ class Engine:
         if call.kind not in _PATHS:
             raise InvalidRequest("kind must be chat or completion")
         supervisor = self._pool.get(call.model)
-        with self._observed(RequestOutcome(call.model, call.kind, started)) as outcome:
+        outcome = RequestOutcome(call.model, call.kind, started, call.priority.name.lower())
+        with self._observed(outcome):
             self._check_kind(supervisor, ModelKind.CHAT)
             parsed = parse_body(call.body)
             body = call.body
@@ -433,6 +434,7 @@ class Engine:
         )
         if outcome.first_output:
             outcome.ttft = outcome.first_output - outcome.started
+        outcome.finish_reason = tally.finish_reason
         yield Done(
             tally.finish_reason,
             usage,
@@ -520,6 +522,10 @@ def _annotate_span(outcome: RequestOutcome) -> None:
             "routermodel.tokens_out": outcome.completion_tokens,
         }
     )
+    if outcome.priority:
+        span.set_attribute("routermodel.priority", outcome.priority)
+    if outcome.finish_reason:
+        span.set_attribute("routermodel.finish_reason", outcome.finish_reason)
     if outcome.reason:
         span.set_attribute("routermodel.error_reason", outcome.reason)
 

@@ -26,12 +26,23 @@ Bidi = Callable[[AsyncIterator[Any], _Context], AsyncIterator[Any]]
 STATUS_CODE_ATTRIBUTE = "rpc.grpc.status_code"
 
 
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
-    """Abort the call with ``error``'s status; anything not a RouterError is logged as a bug."""
+def end_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
+    """End the call with ``error``'s status, recorded once on the call's span; anything not a
+    RouterError is logged as a bug.
+
+    The status is set, not raised with ``context.abort``: the AbortError that raises passes
+    through OpenTelemetry's server interceptor, which records it twice (its own
+    ``record_exception`` and its span's context manager), each time as "Locally aborted."
+    without the error itself. A handler that sets its status and returns ends the call the
+    same way (grpc.aio drops a unary response when the code is not OK).
+    """
     if not isinstance(error, RouterError):
         _LOGGER.error("internal error in %s", _method(context), exc_info=error)
+    trace.get_current_span().record_exception(error)  # the server span (no-op untraced)
     status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
 
 
 def _method(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -48,7 +59,8 @@ def _wrap_unary(behavior: Unary) -> Unary:
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
-            await abort_with(context, error)
+            end_with(context, error)
+            return None
 
     return wrapped
 
@@ -63,7 +75,7 @@ def _wrap_stream(behavior: Stream) -> Stream:
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
-            await abort_with(context, error)
+            end_with(context, error)
 
     return wrapped
 
@@ -116,7 +128,7 @@ def _refusing(
     async def refused(_request: Any, context: _Context) -> None:
         # A coroutine serves any of the four kinds on grpc.aio (it may write, not yield).
         _LOGGER.error("refused %s: no guard for its kind of call", _method(context))
-        await abort_with(context, error)
+        end_with(context, error)
 
     behavior: Any = refused
     if handler.unary_unary is not None:

@@ -13,6 +13,7 @@ class RequestOutcome:
     model: str
     endpoint: str  # "chat", "completion" or "embeddings"
     started: float  # monotonic
+    priority: str = ""  # "low", "normal" or "high" as the caller asked; "" = not recorded
     code: grpc.StatusCode | None = None  # None = success
     reason: str = ""  # ErrorInfo reason of a failure
     served: bool = False  # reached a model slot
@@ -25,6 +26,7 @@ class RequestOutcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     streamed: bool = False
+    finish_reason: str = ""  # upstream's ("stop", "length", ...); "" = unfinished or embeddings
 
     @property
     def inter_token(self) -> float:

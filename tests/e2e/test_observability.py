@@ -31,6 +31,7 @@ PROMTOOL = str(Path(sys.executable).parent / "promtool")
 GENERATE = "/router.v1.InferenceService/Generate"
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello"}], "temperature": 0}
 CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
 
 
@@ -217,6 +218,41 @@ def test_a_streamed_chat_is_one_trace_from_facade_to_llama_server(observed: Obse
     assert router_server.attribute("routermodel.ttft_ms") > 0
     assert router_server.attribute("routermodel.queue_ms") >= 0
     assert router_server.attribute("routermodel.load_ms") >= 0
+    assert router_server.attribute("routermodel.priority") == "normal"
+    assert router_server.attribute("routermodel.finish_reason") == "length"  # max_tokens ran out
+    assert [event.name for event in router_server.span.events] == []
+
+
+def test_a_router_error_is_on_its_span_once_with_its_status(observed: Observed) -> None:
+    # Longer than the context: the router refuses it (the facade does not know the context).
+    connection = http.client.HTTPConnection("127.0.0.1", observed.stack.http_port, timeout=30)
+    body = json.dumps({**CHAT, "max_tokens": 70000})
+    headers = {"Content-Type": "application/json", "X-Request-Priority": "low"}
+    connection.request("POST", "/v1/chat/completions", body, headers)
+    assert connection.getresponse().status == 400
+    connection.close()
+
+    def refused(spans: list[Span]) -> Span | None:
+        return next(
+            (
+                s
+                for s in spans
+                if s.span.name == GENERATE
+                and s.span.kind == SERVER
+                and s.attribute("rpc.grpc.status_code") == INVALID_ARGUMENT
+            ),
+            None,
+        )
+
+    span = observed.receiver.wait_for(refused)
+    assert span.attribute("routermodel.priority") == "low"
+    assert span.attribute("routermodel.error_reason") == "INVALID_REQUEST"
+    assert span.attribute("routermodel.finish_reason") is None
+    # One exception event, the error itself (grpc's abort used to add two "Locally aborted.").
+    events = [(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in span.span.events]
+    assert [name for name, _ in events] == ["exception"], events
+    assert events[0][1]["exception.type"] == "router.errors.InvalidRequest"
+    assert "70000" in events[0][1]["exception.message"]
 
 
 def test_a_cancelled_request_frees_the_slot_and_its_router_span_says_cancelled(
