@@ -10,7 +10,10 @@ facade processes themselves, not their children.
 On a shared machine, a run during which other processes used the CPU is measured again (see
 FOREIGN_CORES_LIMIT); the report says how often that happened and the load average.
 
-Usage: `python -m tests.bench [--rounds N] [--workloads i,ii,iii,iv] [--out PATH]`.
+With `--tracing`, a second router + facade pair exports every span over OTLP/gRPC to a
+receiver in this process (target (d)), so the cost of tracing shows next to (c).
+
+Usage: `python -m tests.bench [--rounds N] [--workloads i,ii,iii,iv] [--tracing] [--out PATH]`.
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import grpc
 
 from clients import RouterClient
 from router.config import load_settings
@@ -42,8 +49,12 @@ from tests.helpers import CACHE, PYTHON, REPO, free_port
 
 MODEL = "tiny-chat"
 SLOTS = 8
-TARGETS = ("a", "b", "c")
-TARGET_NAMES = {"a": "llama-server", "b": "router gRPC", "c": "router+facade"}
+TARGET_NAMES = {
+    "a": "llama-server",
+    "b": "router gRPC",
+    "c": "router+facade",
+    "d": "(c) + tracing",
+}
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # The machine may be shared: a run during which processes other than the bench's used more
 # than this many cores on average is measured again, a few times at most (and at most
@@ -282,42 +293,99 @@ def summarize(result: dict[str, Any], cpu: dict[str, float]) -> dict[str, Any]:
 # ---- the bench -----------------------------------------------------------------------------
 
 
+class SpanSink:
+    """An OTLP/gRPC trace receiver that only counts what it is sent (no parsing: its CPU is a
+    collector's, not the router's)."""
+
+    def __init__(self) -> None:
+        self.exports = 0
+        self.bytes = 0
+        self._lock = threading.Lock()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        handler = grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {"Export": grpc.unary_unary_rpc_method_handler(self._export)},
+        )
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self._lock:
+            self.exports += 1
+            self.bytes += len(request)
+        return b""  # an empty ExportTraceServiceResponse
+
+    def stop(self) -> None:
+        self._server.stop(None)
+
+
+@dataclass
+class Stack:
+    """One router + facade pair (with its own config, ports and state directory)."""
+
+    router: Process
+    facade: Process
+    grpc_port: int
+    http_port: int
+
+
 @dataclass
 class Bench:
     workdir: Path
     procs: Processes
+    tracing: bool = False
     direct_argv: list[str] = field(default_factory=list)
     direct_port: int = 0
     key: str = ""
-    grpc_port: int = 0
-    http_port: int = 0
     direct: Process | None = None
-    router: Process | None = None
-    facade: Process | None = None
+    stacks: dict[str, Stack] = field(default_factory=dict)  # target "b"/"c" and "d" -> its pair
+    sink: SpanSink | None = None
     loadgen: LoadGen | None = None
     retries: int = 0
     quiet_wait: float = 0.0
     runs: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
-    def setup(self) -> None:
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return ("a", "b", "c", "d") if self.tracing else ("a", "b", "c")
+
+    def _stack_for(self, target: str) -> Stack:
+        return self.stacks["d" if target == "d" else "c"]
+
+    def _write_config(self, name: str, otlp_endpoint: str | None = None) -> tuple[Path, int, int]:
         model = ensure_model(CACHE / "models", MODEL, variant="chat")
-        self.grpc_port, self.http_port, self.direct_port = free_port(), free_port(), free_port()
-        config = {
-            "grpc": {"host": "127.0.0.1", "port": self.grpc_port, "grace_sec": 2},
-            "api": {"host": "127.0.0.1", "port": self.http_port},
+        grpc_port, http_port = free_port(), free_port()
+        config: dict[str, Any] = {
+            "grpc": {"host": "127.0.0.1", "port": grpc_port, "grace_sec": 2},
+            "api": {"host": "127.0.0.1", "port": http_port},
             "system": {
                 "cpu_threads": 1,
                 "parallel_requests": SLOTS,
                 "enable_idle_timeout": False,
                 "max_queue_size_per_model": 1000,
                 "stop_grace_sec": 2,
-                "state_dir": str(self.workdir / "state"),
+                "state_dir": str(self.workdir / f"state-{name}"),
             },
             "models": {MODEL: {"model_path": str(model), "params": {"n_ctx": 8192}}},
         }
-        config_path = self.workdir / "config.json"
+        if otlp_endpoint is not None:
+            config["telemetry"] = {"otlp_endpoint": otlp_endpoint}
+        config_path = self.workdir / f"config-{name}.json"
         config_path.write_text(json.dumps(config, indent=2))
+        return config_path, grpc_port, http_port
+
+    def _start_stack(self, name: str, otlp_endpoint: str | None = None) -> Stack:
+        config_path, grpc_port, http_port = self._write_config(name, otlp_endpoint)
+        config = ["-c", str(config_path)]
+        router = self.procs.start(f"router-{name}", [PYTHON, "-m", "router", *config])
+        facade = self.procs.start(f"facade-{name}", [PYTHON, "-m", "facade", *config])
+        return Stack(router, facade, grpc_port, http_port)
+
+    def setup(self) -> None:
+        config_path, _, _ = self._write_config("plain")
         settings = load_settings(config_path, env={})
+        self.direct_port = free_port()
         # The direct server runs the exact argv the router builds for its child.
         self.key = secrets.token_hex(16)
         key_file = self.workdir / "direct.key"
@@ -328,11 +396,14 @@ class Bench:
         print("llama-server argv:", " ".join(self.direct_argv[3:]), flush=True)
 
         self.direct = direct = self.procs.start("direct", self.direct_argv)
-        self.router = self.procs.start("router", [PYTHON, "-m", "router", "-c", str(config_path)])
-        self.facade = self.procs.start("facade", [PYTHON, "-m", "facade", "-c", str(config_path)])
+        self.stacks["c"] = self._start_stack("plain")
+        if self.tracing:
+            self.sink = SpanSink()
+            self.stacks["d"] = self._start_stack("traced", f"http://127.0.0.1:{self.sink.port}")
         wait_http(f"http://127.0.0.1:{self.direct_port}/health", direct)
-        wait_http(f"http://127.0.0.1:{self.http_port}/health", self.facade)
-        asyncio.run(self._admin("load"))
+        for stack in self.stacks.values():
+            wait_http(f"http://127.0.0.1:{stack.http_port}/health", stack.facade)
+            asyncio.run(self._admin(stack, "load"))
         self.loadgen = LoadGen(
             self.procs.start(
                 "loadgen",
@@ -342,8 +413,8 @@ class Bench:
             )
         )
 
-    async def _admin(self, action: str) -> None:
-        async with RouterClient(f"127.0.0.1:{self.grpc_port}") as client:
+    async def _admin(self, stack: Stack, action: str) -> None:
+        async with RouterClient(f"127.0.0.1:{stack.grpc_port}") as client:
             await client.wait_ready(20)
             if action == "load":
                 await client.load(MODEL, timeout=30)
@@ -358,8 +429,9 @@ class Bench:
             "concurrency": workload.concurrency,
             "requests": workload.requests,
         }
+        stack = self._stack_for(target)
         if target == "b":
-            return {**base, "via": "grpc", "target": f"127.0.0.1:{self.grpc_port}"}
+            return {**base, "via": "grpc", "target": f"127.0.0.1:{stack.grpc_port}"}
         if target == "a":
             headers = {"Authorization": f"Bearer {self.key}"}
             if workload.stream:  # llama-server closes every streamed connection anyway
@@ -371,7 +443,7 @@ class Bench:
             # requests in 5.2 s instead of 0.2 s). Requests beyond the slots would only queue
             # inside llama-server anyway.
             return {**base, "via": "http", "target": url, "headers": headers, "in_flight": SLOTS}
-        url = f"http://127.0.0.1:{self.http_port}/v1/chat/completions"
+        url = f"http://127.0.0.1:{stack.http_port}/v1/chat/completions"
         return {**base, "via": "http", "target": url}
 
     def measure(self, target: str, workload: Workload) -> dict[str, Any]:
@@ -405,15 +477,17 @@ class Bench:
         return run
 
     def _llama_cpu_seconds(self, target: str) -> float:
-        """CPU seconds of the llama-server serving `target` (the router's child for b and c)."""
-        assert self.direct is not None and self.router is not None
+        """CPU seconds of the llama-server serving `target` (the router's child for b-d)."""
+        assert self.direct is not None
         if target == "a":
             return self.direct.cpu_seconds()
-        return tree_cpu_seconds(self.router.pid) - self.router.cpu_seconds()
+        router = self._stack_for(target).router
+        return tree_cpu_seconds(router.pid) - router.cpu_seconds()
 
     def _measure_once(self, target: str, workload: Workload) -> dict[str, Any]:
-        assert self.loadgen is not None and self.router is not None and self.facade is not None
-        watched = {"router": self.router, "facade": self.facade, "loadgen": self.loadgen.process}
+        assert self.loadgen is not None
+        stack = self._stack_for(target)
+        watched = {"router": stack.router, "facade": stack.facade, "loadgen": self.loadgen.process}
         before = {name: p.cpu_seconds() for name, p in watched.items()}
         llama_before = self._llama_cpu_seconds(target)
         result = self.loadgen.call(self.command(target, workload))
@@ -452,7 +526,7 @@ class Bench:
                 "ready_ms": result["ready"] * 1000,
                 "tokens": result["tokens"],
             }
-        asyncio.run(self._admin("unload"))
+        asyncio.run(self._admin(self._stack_for(target), "unload"))
         time.sleep(_COLD_SETTLE_SEC)
         run = self._measure_once(target, COLD)
         if run["requests"] != 1:
@@ -463,20 +537,22 @@ class Bench:
         self.runs.setdefault(workload, {}).setdefault(target, []).append(run)
 
     def warm_up(self) -> None:
-        for target in TARGETS:
+        for target in self.targets:
             self._measure_once(target, WARM_UP)
 
     def round(self, number: int, rounds: int, selected: Sequence[str]) -> None:
         started = time.monotonic()
         for workload in WORKLOADS:
             if workload.key in selected:
-                for target in TARGETS:
+                for target in self.targets:
                     self.record(workload.key, target, self.measure(target, workload))
         if COLD.key in selected:
-            for target in TARGETS:
+            for target in self.targets:
                 self.record(COLD.key, target, self.cold(target))
-            # The cold requests reloaded the model: warm the fresh child before the next round.
+            # The cold requests reloaded the models: warm the fresh children before the next round.
             self._measure_once("b", WARM_UP)
+            if self.tracing:
+                self._measure_once("d", WARM_UP)
         print(f"round {number}/{rounds} done in {time.monotonic() - started:.1f} s", flush=True)
 
 
@@ -500,7 +576,7 @@ def build_report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
         runs = bench.runs.get(workload.key)
         if runs is None:
             continue
-        for target in TARGETS:
+        for target in TARGET_NAMES:
             if target not in runs:
                 continue
             per_target[target] = {"median": medians(runs[target]), "runs": runs[target]}
@@ -578,6 +654,11 @@ def render(report: dict[str, Any]) -> str:
         f"{meta['foreign_retries']} (and {meta['quiet_wait_s']:.0f} s spent waiting for them); "
         f"most foreign CPU in a kept run: {meta['max_foreign_cores']:.2f} cores"
     )
+    if meta.get("otlp_exports") is not None:
+        lines.append(
+            f"(d) exported {meta['otlp_exports']} OTLP batches "
+            f"({meta['otlp_bytes'] / 1e6:.1f} MB) to a receiver in the bench process"
+        )
     return "\n".join(lines)
 
 
@@ -590,6 +671,10 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_safe(item) for item in value]
     return value
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def loadavg() -> list[float]:
@@ -606,6 +691,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (>= 3)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench.json")
+    parser.add_argument(
+        "--tracing", action="store_true", help="also (d): router+facade exporting every span"
+    )
     keys = [w.key for w in (*WORKLOADS, COLD)]
     parser.add_argument(
         "--workloads",
@@ -626,7 +714,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average before: {load_before}", flush=True)
     with workspace() as workdir:
         procs = Processes(logs)
-        bench = Bench(workdir, procs)
+        bench = Bench(workdir, procs, tracing=args.tracing)
+        # A SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so every process started is stopped.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             bench.setup()
             bench.warm_up()
@@ -636,6 +726,8 @@ def main(argv: list[str] | None = None) -> None:
             if bench.loadgen is not None:
                 bench.loadgen.quit()
             procs.stop_all()
+            if bench.sink is not None:
+                bench.sink.stop()
     meta = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_s": time.time() - started,
@@ -648,6 +740,8 @@ def main(argv: list[str] | None = None) -> None:
         "llama_server_argv": bench.direct_argv[3:],
         "foreign_retries": bench.retries,
         "quiet_wait_s": bench.quiet_wait,
+        "otlp_exports": None if bench.sink is None else bench.sink.exports,
+        "otlp_bytes": None if bench.sink is None else bench.sink.bytes,
         "max_foreign_cores": max(
             (
                 run.get("foreign_cores", 0.0)
