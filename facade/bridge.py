@@ -12,6 +12,8 @@ so annotating a new RPC in the proto adds its route with no code here:
 * the response is proto-JSON with the proto field names and every default value;
 * a server-streaming RPC answers with SSE: `event:` is the name of the response's set oneof
   field, `data:` that field as proto-JSON, `id:` the response's `event_id` field when it has one.
+  A route may render its events otherwise (`frames`): the seed's status stream keeps the seed's
+  payloads (`facade.status.seed_status_frame`); it is built, called and resumed the same way.
 
 A path variable wins over the same field in the body.
 """
@@ -21,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
 from google.protobuf import descriptor, json_format, message_factory
 from google.protobuf.message import Message
@@ -40,6 +43,7 @@ from router.v1 import model_control_service_pb2
 __all__ = [
     "SERVICE",
     "Binding",
+    "FrameRenderer",
     "bindings",
     "build_request",
     "field_at",
@@ -58,6 +62,8 @@ _TRUE_WORDS = frozenset({"true", "1"})
 _FALSE_WORDS = frozenset({"false", "0"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# One streamed response → its SSE frame.
+FrameRenderer = Callable[[Message], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,19 +129,52 @@ def _binding(method: descriptor.MethodDescriptor, rule: http_pb2.HttpRule) -> Bi
     return Binding(method, http_method, template, path, tuple(path_fields), rule.body)
 
 
-def setup_routes(app: web.Application, service: descriptor.ServiceDescriptor = SERVICE) -> None:
-    """Mount one route per binding of `service` on `app`."""
+def setup_routes(
+    app: web.Application,
+    service: descriptor.ServiceDescriptor = SERVICE,
+    frames: Mapping[str, FrameRenderer] | None = None,
+) -> None:
+    """Mount one route per binding of `service` on `app`.
+
+    `frames` renders the events of the streaming routes it names (by path template) instead
+    of `stream_frame`; by default, the seed's status stream keeps the seed's payloads.
+    """
+    if frames is None:
+        # facade.status imports this module for message_json: import it when used.
+        from facade.status import SEED_STREAM_FRAMES
+
+        frames = SEED_STREAM_FRAMES
+    static: dict[str, set[str]] = {}
     for binding in bindings(service):
-        app.router.add_route(binding.http_method, binding.path, _handler(binding))
+        frame = frames.get(binding.template, stream_frame)
+        app.router.add_route(binding.http_method, binding.path, _handler(binding, frame))
+        if not binding.path_fields:
+            static.setdefault(binding.path, set()).add(binding.http_method)
+    app.middlewares.append(_static_paths_win(static))
 
 
-def _handler(binding: Binding) -> Handler:
+def _static_paths_win(static: Mapping[str, set[str]]) -> Middleware:
+    """A static path wins over a template for every method: aiohttp would hand, say,
+    `GET /v1/models/eject` (a POST-only path) to `GET /v1/models/{model}`, reading "eject" as
+    an alias; here a method the static path does not serve is a 405 instead."""
+
+    @web.middleware
+    async def static_paths_win(request: web.Request, handler: Handler) -> web.StreamResponse:
+        allowed = static.get(request.path)
+        if allowed is not None and request.method not in allowed:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+        return await handler(request)
+
+    return static_paths_win
+
+
+def _handler(binding: Binding, frame: FrameRenderer) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         message = await build_request(request, binding)
         rpc = getattr(request.app[CLIENT].control, binding.method.name)
         metadata = call_metadata(request)
         if binding.streaming:
-            return await _stream(request, rpc(message, metadata=metadata))
+            return await _stream(request, rpc(message, metadata=metadata), frame)
         with map_rpc_errors():
             response = await rpc(message, metadata=metadata)
         return web.json_response(message_json(response))
@@ -143,11 +182,11 @@ def _handler(binding: Binding) -> Handler:
     return handle
 
 
-async def _stream(request: web.Request, call: Any) -> web.StreamResponse:
+async def _stream(request: web.Request, call: Any, frame: FrameRenderer) -> web.StreamResponse:
     async with request.app[STREAMS].open(request, bridge_error_frame) as stream:
         async with contextlib.aclosing(_responses(call)) as responses:
             async for response in responses:
-                await stream.write(stream_frame(response))
+                await stream.write(frame(response))
     return stream.response
 
 

@@ -1,4 +1,5 @@
-"""The seed's monitoring routes: `GET /metrics/stream` and `GET /v1/models/status/file`.
+"""The seed's monitoring routes: `GET /metrics/stream`, `GET /v1/models/status/file`, and the
+seed-compatible events of `GET /v1/models/status/stream`.
 
 `/metrics/stream` is SSE: an `event: metrics` at once and then every `METRICS_INTERVAL_SEC`, a
 snapshot built from three read-only RPCs (ListModels, GetTelemetrySummary, GetResources; none
@@ -14,8 +15,19 @@ While the router does not answer, an `event: heartbeat` takes the snapshot's pla
 HTTP answer (401/403) instead, since the stream could never show anything.
 
 `/v1/models/status/file` serves the router's `model_status.json` (`telemetry.model_status_path`)
-as written, also while the router is down. With API keys configured, the caller's key must be
-one the router accepts for ListModels, which shows the same facts.
+as written, also while the router is down. It shows every model and its child's port, so with
+API keys configured the caller's key must have the monitor scope, like the other status routes:
+the router is asked with a cheap monitor-scope call (GetQueueStats) made with that key.
+
+`/v1/models/status/stream` is the bridge's WatchModels route (same request, `id:` = the event
+id `<epoch>-<revision>`, `Last-Event-ID` resume), but its events keep the seed's payloads so
+seed dashboards keep working (`seed_status_frame`): `full_status` is
+`{server, models: {alias: {...}}, summary: {total, by_status}}`, `model_update` one model
+`{alias, status, port, started_at, last_used_at, load_progress, error_message, vram_used_mb,
+updated_at, ...}`, `server_update` `{status, started_at, updated_at, ...}`, `heartbeat`
+`{timestamp, server_status}`. Status words are the seed's (`off`, `starting`, `loading`,
+`ready`, `stopping`, `failed`; the router `starting`, `ready`, `shutting_down`); our exact state
+rides along as `state`, and the fields the seed did not have follow its own.
 """
 
 from __future__ import annotations
@@ -28,16 +40,24 @@ from datetime import datetime, timezone
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from clients import AuthenticationError, PermissionDeniedError, RouterError, map_rpc_errors
-from facade.bridge import message_json
+from facade.bridge import FrameRenderer, message_json, stream_frame
 from facade.context import call_metadata
 from facade.errors import ApiError, from_router_error
 from facade.keys import CLIENT, SETTINGS, STREAMS
 from facade.sse import bridge_error_frame, event_frame
 from router.v1 import model_control_service_pb2, model_pb2
 
-__all__ = ["METRICS_INTERVAL_SEC", "openapi_paths", "setup_routes"]
+__all__ = [
+    "METRICS_INTERVAL_SEC",
+    "SEED_STREAM_FRAMES",
+    "openapi_paths",
+    "seed_status_frame",
+    "setup_routes",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -46,6 +66,7 @@ METRICS_INTERVAL_SEC = 2.0
 _RPC_TIMEOUT_SEC = 1.5
 STREAM_ROUTE: Final = "/metrics/stream"
 FILE_ROUTE: Final = "/v1/models/status/file"
+SEED_STREAM_ROUTE: Final = "/v1/models/status/stream"
 _STATE_PREFIX = "MODEL_STATE_"
 _SERVER_STATE_PREFIX = "SERVER_STATE_"
 _KIND_PREFIX = "MODEL_KIND_"
@@ -174,9 +195,11 @@ async def status_file(request: web.Request) -> web.Response:
     if path is None:
         raise ApiError(404, "no status file is configured (telemetry.model_status_path)")
     if settings.auth.api_keys:
+        # The file lists every alias and its child's port, whatever models a key may use:
+        # monitor-scope information, checked by the router on a monitor-scope call.
         with map_rpc_errors():
-            await request.app[CLIENT].control.ListModels(
-                model_control_service_pb2.ListModelsRequest(),
+            await request.app[CLIENT].control.GetQueueStats(
+                model_control_service_pb2.GetQueueStatsRequest(),
                 metadata=call_metadata(request),
                 timeout=_RPC_TIMEOUT_SEC,
             )
@@ -188,6 +211,137 @@ async def status_file(request: web.Request) -> web.Response:
         _LOGGER.error("cannot read the status file %s: %s", path, error.strerror)
         raise ApiError(503, "the status file cannot be read", type="server_error") from None
     return web.Response(body=body, content_type="application/json")
+
+
+# The seed's words for our states (its ModelStatusTracker's vocabulary). DRAINING, which the
+# seed did not have, finishes in-flight work on the way to a stop.
+_SEED_MODEL_STATUS: Final = {
+    model_pb2.MODEL_STATE_STOPPED: "off",
+    model_pb2.MODEL_STATE_STARTING: "starting",
+    model_pb2.MODEL_STATE_LOADING: "loading",
+    model_pb2.MODEL_STATE_READY: "ready",
+    model_pb2.MODEL_STATE_DRAINING: "stopping",
+    model_pb2.MODEL_STATE_STOPPING: "stopping",
+    model_pb2.MODEL_STATE_FAILED: "failed",
+}
+_SEED_SERVER_STATUS: Final = {
+    model_pb2.SERVER_STATE_STARTING: "starting",
+    model_pb2.SERVER_STATE_SERVING: "ready",
+    model_pb2.SERVER_STATE_SHUTTING_DOWN: "shutting_down",
+}
+# The seed's load_progress was only ever null, 0 or 100.
+_LOAD_PROGRESS: Final = {
+    model_pb2.MODEL_STATE_STARTING: 0,
+    model_pb2.MODEL_STATE_LOADING: 0,
+    model_pb2.MODEL_STATE_READY: 100,
+}
+_LOAD_STAGE_PREFIX = "LOAD_STAGE_"
+
+
+def _iso(timestamp: timestamp_pb2.Timestamp, present: bool) -> str | None:
+    """ISO 8601 in UTC like the status file, None when unset."""
+    if not present:
+        return None
+    return timestamp.ToDatetime(tzinfo=timezone.utc).isoformat()
+
+
+def _when(message: Message, field: str) -> str | None:
+    return _iso(getattr(message, field), message.HasField(field))
+
+
+def _seed_server(server: model_pb2.ServerStatus) -> dict[str, Any]:
+    return {
+        "status": _SEED_SERVER_STATUS.get(server.state, "unknown"),
+        "started_at": _when(server, "started_at"),
+        "updated_at": _when(server, "updated_at"),
+        # Ours, after the seed's fields.
+        "state": _name(model_pb2.ServerState.Name(server.state), _SERVER_STATE_PREFIX),
+        "version": server.version,
+        "epoch": server.epoch,
+        "cpu_mode": server.cpu_mode,
+    }
+
+
+def _seed_model(model: model_pb2.Model) -> dict[str, Any]:
+    """The seed's ModelStatusInfo for `model` (as in model_status.json), then our fields."""
+    return {
+        "alias": model.alias,
+        "status": _SEED_MODEL_STATUS.get(model.state, "unknown"),
+        "port": model.port or None,
+        "started_at": _when(model, "state_since") if model.pid else None,
+        "last_used_at": _when(model, "last_used_at"),
+        "load_progress": _LOAD_PROGRESS.get(model.state),
+        "error_message": model.last_error or None,
+        "vram_used_mb": model.memory_measured_mib or model.memory_estimate_mib or None,
+        "updated_at": _when(model, "state_since"),
+        # Ours, after the seed's fields.
+        "state": _name(model_pb2.ModelState.Name(model.state), _STATE_PREFIX),
+        "kind": _name(model_pb2.ModelKind.Name(model.kind), _KIND_PREFIX),
+        "load_stage": _name(model_pb2.LoadStage.Name(model.load_stage), _LOAD_STAGE_PREFIX),
+        "pid": model.pid,
+        "slots": model.slots,
+        "in_flight": model.in_flight,
+        "queued": model.queued,
+        "n_ctx": model.n_ctx,
+        "pinned": model.pinned,
+        "consecutive_failures": model.consecutive_failures,
+        "restarts": model.restarts,
+        "retry_at": _when(model, "retry_at"),
+        "device": model.device,
+        "memory_estimate_mib": model.memory_estimate_mib,
+        "memory_measured_mib": model.memory_measured_mib,
+        "load_seconds": model.load_seconds,
+        "ttl_sec": model.ttl_sec,
+    }
+
+
+def _seed_full_status(status: model_control_service_pb2.FullStatus) -> dict[str, Any]:
+    models = {model.alias: _seed_model(model) for model in status.models}
+    by_status: dict[str, int] = {}
+    for model in models.values():
+        by_status[model["status"]] = by_status.get(model["status"], 0) + 1
+    return {
+        "server": _seed_server(status.server),
+        "models": models,
+        "summary": {
+            "total": status.summary.total,
+            "by_status": by_status,
+            "by_state": dict(status.summary.by_state),
+        },
+    }
+
+
+def _seed_heartbeat(heartbeat: model_control_service_pb2.Heartbeat) -> dict[str, Any]:
+    return {
+        "timestamp": _when(heartbeat, "timestamp"),
+        "server_status": _SEED_SERVER_STATUS.get(heartbeat.server_state, "unknown"),
+        "server_state": _name(
+            model_pb2.ServerState.Name(heartbeat.server_state), _SERVER_STATE_PREFIX
+        ),
+    }
+
+
+def seed_status_frame(response: Message) -> bytes:
+    """A WatchModels event with the seed's event name and payload; `id:` resumes."""
+    if not isinstance(response, model_control_service_pb2.WatchModelsResponse):
+        return stream_frame(response)
+    event = response.WhichOneof("event")
+    if event == "full_status":
+        payload = _seed_full_status(response.full_status)
+    elif event == "model_update":
+        payload = _seed_model(response.model_update)
+    elif event == "server_update":
+        payload = _seed_server(response.server_update)
+    elif event == "heartbeat":
+        payload = _seed_heartbeat(response.heartbeat)
+    else:  # an event newer than this facade: the bridge's proto-JSON rather than nothing
+        return stream_frame(response)
+    data = json.dumps(payload, separators=(",", ":"))
+    return event_frame(event, data, response.event_id)
+
+
+# Streaming routes of the bridge whose events keep the seed's payloads.
+SEED_STREAM_FRAMES: Final[dict[str, FrameRenderer]] = {SEED_STREAM_ROUTE: seed_status_frame}
 
 
 # One event of the stream, as OpenAPI before 3.2 describes a `text/event-stream` response.

@@ -124,13 +124,14 @@ class EventReader:
             if "event" in fields:
                 return fields["event"], fields.get("id", ""), json.loads(fields["data"])
 
-    async def until_state(self, alias: str, state: str) -> list[str]:
-        """The ids of the events read until `alias` reaches `state`."""
+    async def until_status(self, alias: str, status: str) -> list[str]:
+        """The ids of the events read until `alias` reaches the seed's `status` word."""
         ids = []
         while True:
             event, event_id, data = await self.next()
             ids.append(event_id)
-            if event == "model_update" and data["alias"] == alias and data["state"] == state:
+            # What the seed README's dashboard reads: data.alias, data.status.
+            if event == "model_update" and data["alias"] == alias and data["status"] == status:
                 return ids
 
 
@@ -142,14 +143,17 @@ async def test_the_status_stream_follows_a_load_and_an_unload(stack: Stack) -> N
             events = EventReader(response)
             event, first_id, snapshot = await events.next()
             assert event == "full_status"
-            assert {m["alias"]: m["state"] for m in snapshot["models"]}["embed"] == (
-                "MODEL_STATE_STOPPED"
-            )
+            # The seed's shape: models keyed by alias, the seed's status words.
+            assert set(snapshot["models"]) == {"chat", "embed"}
+            assert snapshot["models"]["embed"]["status"] == "off"
+            assert snapshot["models"]["embed"]["state"] == "stopped"
+            assert snapshot["server"]["status"] == "ready"
+            assert snapshot["summary"]["total"] == 2
 
             await session.post("/v1/models/embed/load", json={"wait": True})
-            loaded = await events.until_state("embed", "MODEL_STATE_READY")
+            loaded = await events.until_status("embed", "ready")
             await session.post("/v1/models/eject", json={"model": "embed"})
-            unloaded = await events.until_state("embed", "MODEL_STATE_STOPPED")
+            unloaded = await events.until_status("embed", "off")
 
         ids = [first_id, *loaded, *unloaded]
         epoch = first_id.rsplit("-", 1)[0]
@@ -169,3 +173,47 @@ async def test_the_status_stream_follows_a_load_and_an_unload(stack: Stack) -> N
         async with session.get("/v1/models/status/stream?last_event_id=other-3") as response:
             event, _, _ = await EventReader(response).next()
         assert event == "full_status"
+
+
+# The status file belongs to the monitor scope
+
+
+INFERENCE_KEY = "admin-test-inference-key-0123"  # "chat" only
+MONITOR_KEY = "admin-test-monitor-key-0123"
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_chat: Path, tiny_embed: Path
+) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("admin-keys")
+    models = {"chat": chat_model(tiny_chat), "embed": embed_model(tiny_embed)}
+    keys = [
+        {"key": INFERENCE_KEY, "scopes": ["inference"], "models": ["chat"]},
+        {"key": MONITOR_KEY, "scopes": ["monitor"]},
+    ]
+    telemetry = {"model_status_path": str(directory / "model_status.json")}
+    with running_stack(directory, models, auth={"api_keys": keys}, telemetry=telemetry) as running:
+        yield running
+
+
+async def test_the_status_file_needs_the_monitor_scope(keyed_stack: Stack) -> None:
+    """The file lists every alias and child port: an inference key limited to "chat" must not
+    read it (it would see "embed"), a monitor key may."""
+    url = keyed_stack.base_url + "/v1/models/status/file"
+
+    async def get(key: str | None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as r:
+            return r.status, await r.json()
+
+    restricted = await get(INFERENCE_KEY)
+    monitor = await get(MONITOR_KEY)
+    nobody = await get(None)
+
+    assert restricted[0] == 403, restricted
+    assert restricted[1]["error"]["type"] == "permission_error"
+    assert "embed" not in json.dumps(restricted[1])
+    assert monitor[0] == 200, monitor
+    assert set(monitor[1]["models"]) == {"chat", "embed"}
+    assert nobody[0] == 401

@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool, timestamp_pb2
 
-from facade import bridge
+from facade import bridge, status
 from facade.app import create_app
 from router.v1 import model_control_service_pb2 as mpb
 from router.v1 import model_pb2
@@ -84,12 +84,30 @@ async def test_static_paths_win_over_model_templates(models: Facade) -> None:
         assert (await models.http.get(path)).status == 200
     stream = await models.http.get("/v1/models/status/stream")
     await stream.read()
+    # The status file route, not GetModel(model="file"): none is configured here.
+    status_file = await models.http.get("/v1/models/status/file")
+    # POST-only: not the OpenAI retrieve route reading "eject" as a model.
+    eject = await models.http.get("/v1/models/eject")
 
+    assert status_file.status == 404
+    assert "no status file" in (await status_file.json())["error"]["message"]
+    assert eject.status == 405
+    assert (await eject.json())["error"]["message"] == (
+        "Method GET is not allowed on /v1/models/eject"
+    )
     assert [call.method for call in models.fake.calls] == [
         "ListModels",
         "ListFailedModels",
         "WatchModels",
     ]
+
+
+async def test_the_methods_a_static_path_serves_still_reach_it(models: Facade) -> None:
+    eject = await models.http.post("/v1/models/eject", json={"model": "chat"})
+    retrieve = await models.http.get("/v1/models/chat")
+
+    assert (eject.status, retrieve.status) == (200, 200)
+    assert [call.method for call in models.fake.calls] == ["UnloadModel", "GetModel"]
 
 
 async def test_responses_are_proto_json_with_snake_case_and_defaults(models: Facade) -> None:
@@ -161,45 +179,264 @@ async def test_body_rpcs_take_no_query_parameters(models: Facade) -> None:
 # Server streaming as SSE
 
 
+T0 = 1_780_000_000  # a fixed instant, 2026-05-28T20:26:40Z
+T0_ISO = "2026-05-28T20:26:40+00:00"
+
+
+def at(seconds: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=seconds)
+
+
 def watch_events() -> list[mpb.WatchModelsResponse]:
-    model = make_model("chat", state=model_pb2.MODEL_STATE_LOADING)
+    server = model_pb2.ServerStatus(
+        state=model_pb2.SERVER_STATE_SERVING,
+        started_at=at(T0),
+        epoch="ep",
+        version="1.2.3",
+        updated_at=at(T0 + 5),
+    )
+    stopped = make_model("chat", state=model_pb2.MODEL_STATE_STOPPED, n_ctx=4096, slots=2)
+    ready = make_model(
+        "embed",
+        state=model_pb2.MODEL_STATE_READY,
+        kind=model_pb2.MODEL_KIND_EMBEDDING,
+        port=41001,
+        pid=4242,
+        slots=1,
+        n_ctx=2048,
+        state_since=at(T0 + 5),
+        last_used_at=at(T0 + 4),
+        device="cpu",
+        memory_estimate_mib=300,
+        memory_measured_mib=250,
+        load_seconds=0.5,
+        ttl_sec=600,
+        load_stage=model_pb2.LOAD_STAGE_READY,
+    )
+    loading = make_model(
+        "chat",
+        state=model_pb2.MODEL_STATE_LOADING,
+        port=41002,
+        pid=4343,
+        slots=2,
+        n_ctx=4096,
+        state_since=at(T0 + 6),
+        device="cpu",
+        memory_estimate_mib=120,
+        load_stage=model_pb2.LOAD_STAGE_LOADING_WEIGHTS,
+    )
     return [
         mpb.WatchModelsResponse(
             revision=7,
             event_id="ep-7",
             full_status=mpb.FullStatus(
-                models=[make_model("chat", state=model_pb2.MODEL_STATE_STOPPED)]
+                server=server,
+                models=[stopped, ready],
+                summary=model_pb2.StatusSummary(total=2, by_state={"stopped": 1, "ready": 1}),
             ),
         ),
-        mpb.WatchModelsResponse(revision=8, event_id="ep-8", model_update=model),
+        mpb.WatchModelsResponse(revision=8, event_id="ep-8", model_update=loading),
         mpb.WatchModelsResponse(
-            revision=8,
-            event_id="ep-8",
-            heartbeat=mpb.Heartbeat(server_state=model_pb2.SERVER_STATE_SERVING),
+            revision=9,
+            event_id="ep-9",
+            server_update=model_pb2.ServerStatus(
+                state=model_pb2.SERVER_STATE_SHUTTING_DOWN,
+                started_at=at(T0),
+                epoch="ep",
+                version="1.2.3",
+                updated_at=at(T0 + 7),
+            ),
+        ),
+        mpb.WatchModelsResponse(
+            revision=9,
+            event_id="ep-9",
+            heartbeat=mpb.Heartbeat(
+                timestamp=at(T0 + 37), server_state=model_pb2.SERVER_STATE_SHUTTING_DOWN
+            ),
         ),
     ]
 
 
-def frame(event: str, event_id: str, payload: Any) -> bytes:
-    data = json.dumps(bridge.message_json(payload), separators=(",", ":"))
+def _ours(model: dict[str, Any]) -> dict[str, Any]:
+    """Our fields of a seed model entry, with the defaults of an unloaded chat model."""
+    return {
+        "kind": "chat",
+        "load_stage": "unspecified",
+        "pid": 0,
+        "slots": 2,
+        "in_flight": 0,
+        "queued": 0,
+        "n_ctx": 4096,
+        "pinned": False,
+        "consecutive_failures": 0,
+        "restarts": 0,
+        "retry_at": None,
+        "device": "",
+        "memory_estimate_mib": 0,
+        "memory_measured_mib": 0,
+        "load_seconds": 0.0,
+        "ttl_sec": 0,
+        **model,
+    }
+
+
+# What a seed dashboard reads: the seed's names and words first, ours after them.
+SEED_FULL_STATUS = {
+    "server": {
+        "status": "ready",
+        "started_at": T0_ISO,
+        "updated_at": "2026-05-28T20:26:45+00:00",
+        "state": "serving",
+        "version": "1.2.3",
+        "epoch": "ep",
+        "cpu_mode": False,
+    },
+    "models": {
+        "chat": {
+            "alias": "chat",
+            "status": "off",
+            "port": None,
+            "started_at": None,
+            "last_used_at": None,
+            "load_progress": None,
+            "error_message": None,
+            "vram_used_mb": None,
+            "updated_at": None,
+            "state": "stopped",
+            **_ours({}),
+        },
+        "embed": {
+            "alias": "embed",
+            "status": "ready",
+            "port": 41001,
+            "started_at": "2026-05-28T20:26:45+00:00",
+            "last_used_at": "2026-05-28T20:26:44+00:00",
+            "load_progress": 100,
+            "error_message": None,
+            "vram_used_mb": 250,
+            "updated_at": "2026-05-28T20:26:45+00:00",
+            "state": "ready",
+            **_ours(
+                {
+                    "kind": "embedding",
+                    "load_stage": "ready",
+                    "pid": 4242,
+                    "slots": 1,
+                    "n_ctx": 2048,
+                    "device": "cpu",
+                    "memory_estimate_mib": 300,
+                    "memory_measured_mib": 250,
+                    "load_seconds": 0.5,
+                    "ttl_sec": 600,
+                }
+            ),
+        },
+    },
+    "summary": {
+        "total": 2,
+        "by_status": {"off": 1, "ready": 1},
+        "by_state": {"stopped": 1, "ready": 1},
+    },
+}
+SEED_MODEL_UPDATE = {
+    "alias": "chat",
+    "status": "loading",
+    "port": 41002,
+    "started_at": "2026-05-28T20:26:46+00:00",
+    "last_used_at": None,
+    "load_progress": 0,
+    "error_message": None,
+    "vram_used_mb": 120,
+    "updated_at": "2026-05-28T20:26:46+00:00",
+    "state": "loading",
+    **_ours(
+        {
+            "load_stage": "loading_weights",
+            "pid": 4343,
+            "device": "cpu",
+            "memory_estimate_mib": 120,
+        }
+    ),
+}
+SEED_SERVER_UPDATE = {
+    "status": "shutting_down",
+    "started_at": T0_ISO,
+    "updated_at": "2026-05-28T20:26:47+00:00",
+    "state": "shutting_down",
+    "version": "1.2.3",
+    "epoch": "ep",
+    "cpu_mode": False,
+}
+SEED_HEARTBEAT = {
+    "timestamp": "2026-05-28T20:27:17+00:00",
+    "server_status": "shutting_down",
+    "server_state": "shutting_down",
+}
+
+
+def frame(event: str, event_id: str, payload: dict[str, Any]) -> bytes:
+    data = json.dumps(payload, separators=(",", ":"))
     return f"event: {event}\nid: {event_id}\ndata: {data}\n\n".encode()
 
 
-async def test_the_status_stream_is_sse_named_by_the_oneof(models: Facade) -> None:
-    events = watch_events()
-    models.fake.watch_events = events
+async def test_the_status_stream_keeps_the_seed_payloads(models: Facade) -> None:
+    models.fake.watch_events = watch_events()
 
     response = await models.http.get("/v1/models/status/stream")
 
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream"
     assert await response.read() == (
-        frame("full_status", "ep-7", events[0].full_status)
-        + frame("model_update", "ep-8", events[1].model_update)
-        + frame("heartbeat", "ep-8", events[2].heartbeat)
+        frame("full_status", "ep-7", SEED_FULL_STATUS)
+        + frame("model_update", "ep-8", SEED_MODEL_UPDATE)
+        + frame("server_update", "ep-9", SEED_SERVER_UPDATE)
+        + frame("heartbeat", "ep-9", SEED_HEARTBEAT)
     )
-    data = json.loads(frame("model_update", "ep-8", events[1].model_update).split(b"data: ")[1])
-    assert data["alias"] == "chat" and data["state"] == "MODEL_STATE_LOADING"
+
+
+def test_the_seed_js_example_reads_the_stream() -> None:
+    """The seed README's dashboard: `data.alias, data.status` of a model_update, and
+    `full_status.models` keyed by alias."""
+    update = status.seed_status_frame(watch_events()[1]).decode()
+    data = json.loads(update.split("data: ", 1)[1])
+    snapshot = status.seed_status_frame(watch_events()[0]).decode()
+    models = json.loads(snapshot.split("data: ", 1)[1])["models"]
+
+    assert (data["alias"], data["status"]) == ("chat", "loading")
+    assert models["embed"]["status"] == "ready" and models["chat"]["status"] == "off"
+
+
+@pytest.mark.parametrize(
+    ("state", "word"),
+    [
+        (model_pb2.MODEL_STATE_STOPPED, "off"),
+        (model_pb2.MODEL_STATE_STARTING, "starting"),
+        (model_pb2.MODEL_STATE_LOADING, "loading"),
+        (model_pb2.MODEL_STATE_READY, "ready"),
+        (model_pb2.MODEL_STATE_DRAINING, "stopping"),
+        (model_pb2.MODEL_STATE_STOPPING, "stopping"),
+        (model_pb2.MODEL_STATE_FAILED, "failed"),
+    ],
+)
+def test_every_state_has_a_seed_word(state: model_pb2.ModelState.ValueType, word: str) -> None:
+    event = mpb.WatchModelsResponse(event_id="ep-1", model_update=make_model("m", state=state))
+    data = json.loads(status.seed_status_frame(event).decode().split("data: ", 1)[1])
+
+    assert data["status"] == word
+    assert data["state"] == model_pb2.ModelState.Name(state).removeprefix("MODEL_STATE_").lower()
+
+
+def test_the_generic_bridge_frame_is_still_proto_json() -> None:
+    """Streams the seed did not have keep the bridge's rendering; so does an event newer than
+    the seed renderer knows."""
+    update = watch_events()[1]
+    generic = bridge.stream_frame(update).decode()
+    data = json.loads(generic.split("data: ", 1)[1])
+    unknown = mpb.WatchModelsResponse(revision=3, event_id="ep-3")
+
+    assert generic.startswith("event: model_update\nid: ep-8\n")
+    assert data["state"] == "MODEL_STATE_LOADING" and data["alias"] == "chat"
+    assert status.seed_status_frame(unknown) == bridge.stream_frame(unknown)
 
 
 @pytest.mark.parametrize(
@@ -239,7 +476,7 @@ async def test_a_stream_failure_is_an_error_event(models: Facade) -> None:
             "code": "shutting_down",
         }
     }
-    assert body == frame("full_status", "ep-7", events[0].full_status) + (
+    assert body == frame("full_status", "ep-7", SEED_FULL_STATUS) + (
         f"event: error\ndata: {json.dumps(error, separators=(',', ':'))}\n\n".encode()
     )
 

@@ -206,11 +206,13 @@ async def test_with_keys_the_router_must_accept_the_callers_key(
     allowed = await facade.http.get(
         "/v1/models/status/file", headers={"Authorization": f"Bearer {KEY}"}
     )
-    facade.fake.errors["ListModels"] = rich_status(
+    facade.fake.errors["GetQueueStats"] = rich_status(
         grpc.StatusCode.PERMISSION_DENIED, "this key lacks the scope", reason="PERMISSION_DENIED"
     )
     refused = await facade.http.get("/v1/models/status/file")
 
     assert allowed.status == 200
+    # The file shows every alias and port: the key is checked on a monitor-scope call.
+    assert facade.fake.calls[0].method == "GetQueueStats"
     assert facade.fake.calls[0].header("authorization") == [f"Bearer {KEY}"]
     assert refused.status == 403
