@@ -8,17 +8,20 @@ Rules:
   (total minus what others use minus what the router's models reserve) and the
   number of resident models stays within ``max_models``.
 - Among devices where it fits, pick the best fit (least memory left over).
-- Otherwise evict idle, unpinned models, least recently used first, choosing the
-  device that needs the fewest evictions. A model with requests in flight, or
-  with waiters it may still serve, is never evicted.
-- When only busy models stand in the way, wait: the blockers get a bounded
-  dispatch budget (swap-thrash avoidance), after which they count as idle.
-- When the model cannot fit on any allowed device even if it were empty, refuse.
+- Otherwise evict idle, unpinned models: the plan with the fewest evictions that
+  frees both the memory (on the target device) and a model slot (anywhere);
+  among equally small plans, the least recently used go first. A model with
+  requests in flight, or with waiters it may still serve, is never evicted.
+- When only busy or loading models stand in the way, wait for the ones the
+  plan would evict once idle: they get a bounded dispatch budget (swap-thrash
+  avoidance), after which they count as idle.
+- When nothing can change (the model cannot fit on any allowed device even if
+  it were empty, or pinned models hold the room), refuse and say why.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -79,6 +82,16 @@ def evictable(resident: ResidentView) -> bool:
     return not (resident.busy or resident.pinned or resident.loading)
 
 
+def _lru(resident: ResidentView) -> tuple[int, float]:
+    return (0, resident.last_used)
+
+
+def _soonest_idle(resident: ResidentView) -> tuple[int, float]:
+    """Idle models first, then busy ones (they finish a batch), then loading ones."""
+    rank = 2 if resident.loading else 1 if resident.busy else 0
+    return (rank, resident.last_used)
+
+
 def plan_admission(
     candidate: CandidateView,
     residents: Sequence[ResidentView],
@@ -105,33 +118,94 @@ def plan_admission(
         best = min(fits, key=lambda d: d.capacity_mib - reserved[d.id] - candidate.memory_mib)
         return Admit(best.id)
 
-    # Least recently used first; evicting on the target device frees memory there,
-    # evicting anywhere frees a model slot.
-    lru = sorted((r for r in residents if evictable(r)), key=lambda r: r.last_used)
-    best_plan: Evict | None = None
-    for device in possible:
-        victims: list[str] = []
-        free = device.capacity_mib - reserved[device.id]
-        count = len(residents)
-        for resident in lru:
-            if free >= candidate.memory_mib and count < max_models:
-                break
-            on_device = resident.device == device.id
-            if not on_device and count < max_models:
-                continue  # would free nothing this device needs
-            victims.append(resident.alias)
-            count -= 1
-            if on_device:
-                free += resident.memory_mib
-        if free >= candidate.memory_mib and count < max_models and victims:
-            if best_plan is None or len(victims) < len(best_plan.victims):
-                best_plan = Evict(device.id, tuple(victims))
-    if best_plan is not None:
-        return best_plan
-
-    blockers = tuple(
-        r.alias
-        for r in residents
-        if not evictable(r) and not r.pinned and r.device in candidate.devices
+    now = [r for r in residents if evictable(r)]
+    plan = _fewest_evictions(candidate, residents, now, possible, reserved, max_models, _lru)
+    if plan is not None:
+        return plan
+    # Nothing idle makes room now. Busy and loading models go idle in time (the budget
+    # sees to it); pinned ones never do, so waiting for them would only burn the timeout.
+    unpinned = [r for r in residents if not r.pinned]
+    later = _fewest_evictions(
+        candidate, residents, unpinned, possible, reserved, max_models, _soonest_idle
     )
-    return Wait(blockers)
+    if later is None:
+        return Refuse(_pinned_reason(candidate, residents, possible, max_models))
+    named = {r.alias: r for r in residents}
+    return Wait(tuple(alias for alias in later.victims if not evictable(named[alias])))
+
+
+def _fewest_evictions(
+    candidate: CandidateView,
+    residents: Sequence[ResidentView],
+    movable: Sequence[ResidentView],
+    devices: Sequence[DeviceView],
+    reserved: dict[str, int],
+    max_models: int,
+    order: Callable[[ResidentView], tuple[int, float]],
+) -> Evict | None:
+    """The device and victims (from ``movable``) with the fewest evictions; ties go to the
+    earlier device in preference order."""
+    ranked = sorted(movable, key=order)
+    slots_needed = len(residents) - max_models + 1
+    best: Evict | None = None
+    for device in devices:
+        on_device = [r for r in ranked if r.device == device.id]
+        memory_needed = candidate.memory_mib - (device.capacity_mib - reserved[device.id])
+        chosen = _fewest_covering(on_device, memory_needed)
+        if chosen is None:
+            continue
+        # Any model frees a slot: the first in order that are not chosen yet.
+        extra = [r for r in ranked if not any(r is c for c in chosen)]
+        missing = max(0, slots_needed - len(chosen))
+        if missing > len(extra):
+            continue
+        victims = [*chosen, *extra[:missing]]
+        if victims and (best is None or len(victims) < len(best.victims)):
+            best = Evict(device.id, tuple(r.alias for r in ranked if any(r is v for v in victims)))
+    return best
+
+
+def _fewest_covering(ranked: Sequence[ResidentView], needed_mib: int) -> list[ResidentView] | None:
+    """As few of ``ranked`` as free ``needed_mib``, earliest in its order; None if none do.
+
+    The fewest is what the largest ones need; each model is then taken in order if the
+    largest of those after it can still make up the rest.
+    """
+    if needed_mib <= 0:
+        return []
+    sizes = sorted((r.memory_mib for r in ranked), reverse=True)
+    count = next((k for k in range(1, len(sizes) + 1) if sum(sizes[:k]) >= needed_mib), None)
+    if count is None:
+        return None
+    chosen: list[ResidentView] = []
+    freed = 0
+    for index, resident in enumerate(ranked):
+        left = count - len(chosen)
+        if left == 0:
+            break
+        after = sorted((r.memory_mib for r in ranked[index + 1 :]), reverse=True)[: left - 1]
+        if freed + resident.memory_mib + sum(after) >= needed_mib:
+            chosen.append(resident)
+            freed += resident.memory_mib
+    return chosen
+
+
+def _pinned_reason(
+    candidate: CandidateView,
+    residents: Sequence[ResidentView],
+    devices: Sequence[DeviceView],
+    max_models: int,
+) -> str:
+    pinned = [r for r in residents if r.pinned]
+    if len(pinned) >= max_models:
+        names = ", ".join(r.alias for r in pinned)
+        return (
+            f"all {max_models} model slots are held by pinned models ({names}), "
+            "which are never unloaded for another model"
+        )
+    ids = {d.id for d in devices}
+    names = ", ".join(f"{r.alias} on {r.device}" for r in pinned if r.device in ids)
+    return (
+        f"the model needs about {candidate.memory_mib} MiB and pinned models ({names}) "
+        "hold the rest of every device it may use; they are never unloaded for another model"
+    )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +304,85 @@ async def test_a_request_arriving_as_an_eviction_begins_waits_for_a_reload(
             assert lease.upstream is supervisor.upstream
         finally:
             ticket.close()
+
+
+@contextlib.asynccontextmanager
+async def steady_stream(client: RouterClient, model: str, loops: int) -> AsyncIterator[None]:
+    """``loops`` callers each sending ``model`` one request after another until the block ends:
+    the model always has requests in flight and waiting."""
+    stop = asyncio.Event()
+
+    async def loop() -> int:
+        served = 0
+        while not stop.is_set():
+            await run(client, model, 20)
+            served += 1
+        return served
+
+    tasks = [asyncio.create_task(loop()) for _ in range(loops)]
+    try:
+        yield
+    finally:
+        stop.set()
+        served = await asyncio.gather(*tasks)
+    assert all(served), served  # the stream really ran (and none of it failed)
+
+
+async def test_a_busy_model_on_another_device_holding_the_last_slot_is_budgeted(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    """The model-count limit is reached by a busy model on a GPU the cold model may not use.
+    The plan used to wait with no blocker named, so the busy model got no swap budget and,
+    kept busy by a steady stream, never went idle: the cold model timed out."""
+    settings = settings_for(
+        tmp_path,
+        {
+            "a": {**chat_model(tiny_chat), "devices": [1], "memory_mib": 1024},
+            "b": {**chat_model(tiny_chat), "devices": [0], "memory_mib": 1024},
+        },
+        system={
+            "llama_server_path": fake_server(tmp_path, "--token-delay 0.01"),
+            "simulated_gpus": [
+                {"name": "Sim 8G", "total_mib": 8192},
+                {"name": "Sim 8G", "total_mib": 8192},
+            ],
+            "gpu_devices": [0, 1],
+            "max_concurrent_models": 1,
+            "swap_batch_limit": 3,
+            "queue_timeout_sec": 8,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("a")
+        assert router.pool.get("a").device == "gpu:1"
+        async with steady_stream(client, "a", 4):
+            await wait_until(lambda: router.pool.get("a").queue.waiting > 0, 5)
+            started = time.monotonic()
+            events = await run(client, "b", 5)
+            waited = time.monotonic() - started
+        assert isinstance(events[-1], End)
+        assert router.pool.get("b").device == "gpu:0"
+    assert waited < 4, waited
+
+
+async def test_a_model_only_pinned_models_stand_in_the_way_of_is_refused_at_once(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"pinned": {**chat_model(tiny_chat), "pinned": True}, "other": chat_model(tiny_chat)},
+        system={
+            "llama_server_path": fake_server(tmp_path),
+            "max_concurrent_models": 1,
+            "queue_timeout_sec": 20,
+        },
+    )
+    async with running_router(settings) as (_, client):
+        await client.load("pinned")
+        started = time.monotonic()
+        with pytest.raises(UnavailableError) as caught:
+            await run(client, "other")
+        assert time.monotonic() - started < 2  # not after the 20 s queue timeout
+        assert caught.value.reason == "NO_CAPACITY"
+        assert "pinned models (pinned)" in caught.value.message
+        assert caught.value.retry_after is not None

@@ -97,8 +97,8 @@ CASES = [
         [resident("a", gib=3, loading=True), resident("b", gib=3, busy=True)],
         [gpu(0, 8)],
         3,
-        Wait(("a", "b")),
-        id="loading-is-not-evictable",
+        Wait(("b",)),
+        id="loading-is-not-evictable-and-the-busy-one-is-waited-for-first",
     ),
     pytest.param(
         want(6, "gpu:0"),
@@ -172,6 +172,84 @@ CASES = [
         Evict("cpu", ("b",)),
         id="cpu-mode-count-limit",
     ),
+    pytest.param(
+        want(4, "gpu:0"),
+        [
+            resident("x", "gpu:1", gib=1, last_used=1),
+            resident("y", "gpu:0", gib=6, last_used=2),
+        ],
+        [gpu(0, 8), gpu(1, 8)],
+        2,
+        Evict("gpu:0", ("y",)),
+        id="count-limit-one-on-device-eviction-frees-memory-and-slot",
+    ),
+    pytest.param(
+        want(6, "gpu:0"),
+        [resident("a", gib=1, last_used=1), resident("b", gib=6, last_used=2)],
+        [gpu(0, 8)],
+        4,
+        Evict("gpu:0", ("b",)),
+        id="fewest-evictions-before-lru",
+    ),
+    pytest.param(
+        want(5, "gpu:0"),
+        [
+            resident("a", gib=1, last_used=1),
+            resident("b", gib=3, last_used=2),
+            resident("c", gib=3, last_used=3),
+            resident("d", gib=3, last_used=4),
+        ],
+        [gpu(0, 10)],
+        5,
+        Evict("gpu:0", ("b", "c")),
+        id="two-evictions-not-three-and-of-those-the-least-recently-used",
+    ),
+    pytest.param(
+        want(6, "gpu:0"),
+        [resident("p", gib=4, pinned=True)],
+        [gpu(0, 8)],
+        4,
+        Refuse(
+            "the model needs about 6144 MiB and pinned models (p on gpu:0) hold the rest of "
+            "every device it may use; they are never unloaded for another model"
+        ),
+        id="only-pinned-memory-in-the-way-refuses",
+    ),
+    pytest.param(
+        want(1, "gpu:0"),
+        [resident("p", "gpu:1", pinned=True), resident("q", pinned=True, loading=True)],
+        [gpu(0, 8), gpu(1, 8)],
+        2,
+        Refuse(
+            "all 2 model slots are held by pinned models (p, q), "
+            "which are never unloaded for another model"
+        ),
+        id="only-pinned-models-at-the-count-limit-refuses",
+    ),
+    pytest.param(
+        want(6, "gpu:0"),
+        [resident("p", gib=2, pinned=True), resident("b", gib=2, busy=True)],
+        [gpu(0, 8)],
+        4,
+        Wait(("b",)),
+        id="pinned-and-busy-waits-when-the-busy-one-would-make-room",
+    ),
+    pytest.param(
+        want(1, "gpu:0"),
+        [resident("b", "gpu:1", busy=True)],
+        [gpu(0, 8), gpu(1, 8)],
+        1,
+        Wait(("b",)),
+        id="count-limit-busy-on-a-device-it-may-not-use-is-waited-for",
+    ),
+    pytest.param(
+        want(1, "gpu:0"),
+        [resident("l", "gpu:1", loading=True, last_used=0), resident("b", "gpu:0", busy=True)],
+        [gpu(0, 8), gpu(1, 8)],
+        2,
+        Wait(("b",)),
+        id="waits-for-a-busy-model-before-a-loading-one",
+    ),
 ]
 
 
@@ -202,3 +280,55 @@ def test_plan_never_names_a_busy_or_pinned_model() -> None:
             for victim in plan.victims:
                 r = named[victim]
                 assert not (r.busy or r.pinned or r.loading)
+
+
+def _smallest_working_eviction(
+    candidate: CandidateView, residents: list[ResidentView], devices: list[DeviceView], limit: int
+) -> int | None:
+    """Brute force: the fewest idle models whose eviction admits ``candidate`` somewhere."""
+    import itertools
+
+    idle = [r for r in residents if not (r.busy or r.pinned or r.loading)]
+    for size in range(len(idle) + 1):
+        for gone in itertools.combinations(idle, size):
+            left = [r for r in residents if r not in gone]
+            for device in devices:
+                if device.id not in candidate.devices:
+                    continue
+                held = sum(r.memory_mib for r in left if r.device == device.id)
+                if device.capacity_mib - held >= candidate.memory_mib and len(left) < limit:
+                    return size
+    return None
+
+
+def test_eviction_plans_are_the_smallest_that_work() -> None:
+    """Random small worlds against brute force: an Evict plan has the fewest victims any
+    plan could have, and the planner waits or refuses only when no idle set would do."""
+    import random
+
+    rng = random.Random(5)
+    for _ in range(3000):
+        devices = [gpu(i, rng.choice([4, 8, 12])) for i in range(rng.randint(1, 3))]
+        residents = [
+            resident(
+                name,
+                f"gpu:{rng.randrange(len(devices))}",
+                rng.choice([1, 2, 3, 4]),
+                busy=rng.random() < 0.2,
+                pinned=rng.random() < 0.15,
+                loading=rng.random() < 0.1,
+                last_used=rng.random(),
+            )
+            for name in "abcde"[: rng.randint(0, 5)]
+        ]
+        allowed = tuple(d.id for d in devices if rng.random() < 0.7) or (devices[0].id,)
+        candidate = want(rng.choice([1, 2, 3, 5]), *allowed)
+        limit = rng.randint(1, 5)
+        plan = plan_admission(candidate, residents, devices, limit)
+        smallest = _smallest_working_eviction(candidate, residents, devices, limit)
+        if isinstance(plan, Admit):
+            assert smallest == 0
+        elif isinstance(plan, Evict):
+            assert smallest is not None and len(plan.victims) == smallest, (plan, smallest)
+        else:
+            assert smallest is None, (plan, residents, candidate, limit)

@@ -206,8 +206,15 @@ def test_every_plan_keeps_the_rules(
         held = sum(r.memory_mib for r in residents if r.device == device_id and r.alias not in gone)
         return device.capacity_mib - held
 
+    unpinned = {r.alias for r in residents if not r.pinned}
+    # Whether evicting every unpinned model (busy ones once idle) would make room somewhere.
+    room_later = (
+        any(d.capacity_mib >= memory and room(d.id, unpinned) >= memory for d in usable)
+        and len(residents) - len(unpinned) < max_models
+    )
     if isinstance(plan, Refuse):
-        assert all(d.capacity_mib < memory for d in usable)
+        # Too big for every usable device, or pinned models (never evicted) hold the room.
+        assert not room_later
     elif isinstance(plan, Admit):
         assert plan.device in allowed
         assert room(plan.device, set()) >= memory and len(residents) < max_models
@@ -219,7 +226,9 @@ def test_every_plan_keeps_the_rules(
         assert len(residents) - len(plan.victims) < max_models
     else:
         assert isinstance(plan, Wait)
-        assert any(d.capacity_mib >= memory for d in usable)
+        assert room_later and plan.blockers
+        named = {r.alias: r for r in residents}
+        assert all(not evictable(named[b]) and not named[b].pinned for b in plan.blockers)
 
 
 @settings(max_examples=150)
