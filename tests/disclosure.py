@@ -11,9 +11,10 @@ import re
 import sys
 from collections.abc import Iterable
 
+from clients.errors import RouterError
 from tests.helpers import CACHE, REPO
 
-__all__ = ["assert_no_disclosure", "disclosures"]
+__all__ = ["assert_error_discloses_nothing", "assert_no_disclosure", "disclosures"]
 
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     # An absolute path of two or more segments, but not one of the API's own routes (messages
@@ -69,3 +70,13 @@ def assert_no_disclosure(
     """Fail with the offending parts when `text`, a client-facing message, discloses internals."""
     found = disclosures(text, echo=echo, secrets=secrets)
     assert not found, f"{where or 'a client-facing message'} discloses {found}:\n{text[:2000]}"
+
+
+def assert_error_discloses_nothing(
+    error: RouterError, *, secrets: Iterable[str] = (), where: str = ""
+) -> None:
+    """`assert_no_disclosure` over what a gRPC caller receives: the status message and the
+    ErrorInfo metadata (keys and values)."""
+    metadata = " ".join(f"{key}={value}" for key, value in error.metadata.items())
+    text = f"{error.message}\n{metadata}"
+    assert_no_disclosure(text, secrets=secrets, where=where or f"{error.code.name} {error.reason}")

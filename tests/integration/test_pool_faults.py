@@ -23,6 +23,7 @@ from clients import (
 )
 from clients.errors import RouterError
 from router.v1 import model_control_service_pb2 as mpb
+from tests.disclosure import assert_error_discloses_nothing
 from tests.helpers import fake_server, pid_alive, running_router, settings_for, wait_until
 
 PROMPT = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -385,6 +386,7 @@ async def test_hung_child_is_replaced(tmp_path: Path, fake, fake_model) -> None:
                     assert isinstance((await drain(client, "bystander"))[-1], End)
         assert time.monotonic() - started < 3
         assert isinstance(caught.value, RouterError)
+        assert_error_discloses_nothing(caught.value, secrets=[str(tmp_path)])
         await wait_until(lambda: not pid_alive(pid), 5)
         events = await drain(client, "m")
         assert isinstance(events[-1], End)
@@ -478,13 +480,14 @@ async def test_model_file_deleted_or_corrupted_after_start(tmp_path: Path, tiny_
         with pytest.raises(UnavailableError) as corrupted:
             await drain(client, "m")
         assert "could not be loaded" in corrupted.value.message
-        assert str(tmp_path) not in corrupted.value.message
+        assert_error_discloses_nothing(corrupted.value, secrets=[str(tmp_path)])
         assert (await client.get_model("m")).state == "failed"
         await client.reset("m")
         copy.unlink()
         with pytest.raises(UnavailableError) as deleted:
             await drain(client, "m")
         assert "does not exist" in deleted.value.message
+        assert_error_discloses_nothing(deleted.value, secrets=[str(tmp_path)])
 
 
 async def test_a_cancelled_waiter_leaves_the_queue_at_once(
