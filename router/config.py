@@ -1020,9 +1020,47 @@ def _read_json(path: Path) -> object:
         raise ConfigError([f"{path}: invalid JSON: nested too deeply"], path=path) from None
 
 
+def _nul_problems(raw: dict[str, Any]) -> list[str]:
+    """One problem per string (value or key) of the file that contains a NUL byte.
+
+    Such strings validate as strings, then fail far from the config: the OS refuses them in
+    argv, environment variables and paths (``ValueError: embedded null byte``), so an ``env``
+    value or ``extra_args`` item broke every spawn of that model and a ``state_dir`` crashed
+    the router at start. Checked for every key, so a new string setting is covered too.
+    Iterative, not recursive: the file may be nested deeply.
+    """
+    problems: list[str] = []
+    stack: list[tuple[tuple[str | int, ...], object]] = [((), raw)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, str):
+            if "\0" in value:  # the value itself is not shown: it may be an API key
+                problems.append(f"{_dotted(loc)}: must not contain a NUL byte (\\u0000)")
+            continue
+        items: list[tuple[str | int, object]]
+        if isinstance(value, dict):
+            items = list(value.items())
+            where = _dotted(loc) or "the top level"
+            problems += [
+                f"{where}: key {key!r} must not contain a NUL byte (\\u0000)"
+                for key in value
+                if "\0" in key  # JSON object keys are always strings
+            ]
+        elif isinstance(value, list):
+            items = list(enumerate(value))
+        else:
+            continue
+        stack.extend((loc + (key,), item) for key, item in reversed(items))  # file order
+    return problems
+
+
 def _validate(raw: object, *, config_path: Path | None, env: Mapping[str, str]) -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(["the configuration must be a JSON object"], path=config_path)
+    # Before validation: validators that touch the filesystem would report a NUL path as a
+    # missing file, which hides the real mistake.
+    if problems := _nul_problems(raw):
+        raise ConfigError(problems, path=config_path)
     raw, sources = _with_env_overrides(raw, env)
     ctx = _LoadContext(
         base_dir=config_path.parent if config_path else Path.cwd(),

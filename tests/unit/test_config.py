@@ -990,6 +990,53 @@ def test_json_nested_beyond_the_parser_is_a_config_error_naming_the_file(
     assert caught.value.path == path
 
 
+NUL_RULE = "must not contain a NUL byte (\\u0000)"
+
+
+@pytest.mark.parametrize(
+    ("patch", "key"),
+    [
+        pytest.param(at("models.m.env", {"A": "x\0y"}), "models.m.env.A", id="env-value"),
+        pytest.param(
+            at("models.m.params.extra_args", ["--ok", "a\0b"]),
+            "models.m.params.extra_args[1]",
+            id="extra_args",
+        ),
+        pytest.param(
+            at("models.m.params.chat_template", "a\0b"),
+            "models.m.params.chat_template",
+            id="chat_template",
+        ),
+        pytest.param(at("system.state_dir", "state\0dir"), "system.state_dir", id="state_dir"),
+        pytest.param(at("models.m.model_path", "a\0.gguf"), "models.m.model_path", id="model_path"),
+        pytest.param(
+            at("system.llama_server_path", "/bin/sh\0"),
+            "system.llama_server_path",
+            id="llama_server_path",
+        ),
+        pytest.param(
+            {"auth": {"api_keys": [{"key": "secret\0value"}]}},
+            "auth.api_keys[0].key",
+            id="api-key",
+        ),
+    ],
+)
+def test_nul_bytes_in_strings_are_refused_naming_the_key(
+    tmp_path: Path, patch: dict[str, Any], key: str
+) -> None:
+    problems = problems_of(tmp_path, merged(minimal(), patch))
+    assert problems == [f"{key}: {NUL_RULE}"]
+    assert "secret" not in problems[0]  # values are not echoed: one may be an API key
+
+
+def test_nul_bytes_in_keys_are_refused_and_every_one_is_listed(tmp_path: Path) -> None:
+    data = merged(minimal(), {"models": {"m": {"env": {"A\0": "x", "B": "\0"}}}})
+    assert problems_of(tmp_path, data) == [
+        f"models.m.env: key 'A\\x00' {NUL_RULE}",
+        f"models.m.env.B: {NUL_RULE}",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # API keys
 
