@@ -163,7 +163,8 @@ def _admin_responses(binding: Binding, schemas: dict[str, Schema]) -> Schema:
     if binding.streaming:
         success = {
             "description": "Server-sent events: `event:` names the response's set oneof field, "
-            "`data:` is that field as proto-JSON, `id:` resumes the stream.",
+            "`data:` is that field as proto-JSON (on /v1/models/status/stream, the seed's own "
+            "payloads instead), `id:` resumes the stream.",
             "content": {"text/event-stream": {"schema": SSE_EVENT}},
         }
     else:

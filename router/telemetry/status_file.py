@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from router.pool.snapshot import ModelSnapshot
-from router.status import FullStatus
+from router.pool.state import ModelState
+from router.status import FullStatus, ServerState
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -30,10 +31,29 @@ def _iso(seconds: float) -> str | None:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
 
 
+# The seed's status words (its ModelStatusTracker's), which tools reading the file know; our own
+# state name follows as "state". The facade's seed status stream uses the same words.
+SEED_MODEL_STATUS = {
+    ModelState.STOPPED: "off",
+    ModelState.STARTING: "starting",
+    ModelState.LOADING: "loading",
+    ModelState.READY: "ready",
+    ModelState.DRAINING: "stopping",
+    ModelState.STOPPING: "stopping",
+    ModelState.FAILED: "failed",
+}
+SEED_SERVER_STATUS = {
+    ServerState.STARTING: "starting",
+    ServerState.SERVING: "ready",
+    ServerState.SHUTTING_DOWN: "shutting_down",
+}
+
+
 def _model(snapshot: ModelSnapshot) -> dict[str, Any]:
     return {
         "alias": snapshot.alias,
-        "status": snapshot.state.value,
+        "status": SEED_MODEL_STATUS[snapshot.state],
+        "state": snapshot.state.value,
         "port": snapshot.port or None,
         "started_at": _iso(snapshot.state_since) if snapshot.pid else None,
         "last_used_at": _iso(snapshot.last_used_at),
@@ -51,7 +71,8 @@ def render(status: FullStatus) -> dict[str, Any]:
     server = status.server
     return {
         "server": {
-            "status": server.state.value,
+            "status": SEED_SERVER_STATUS[server.state],
+            "state": server.state.value,
             "started_at": _iso(server.started_at),
             "updated_at": _iso(server.updated_at),
         },

@@ -413,12 +413,13 @@ async def test_status_file_follows_every_change(tmp_path: Path, tiny_chat: Path)
 
     async with running_router(settings) as (_, client):
         await wait_until(lambda: path.exists(), 2)
-        assert status()["models"]["chat"]["status"] == "stopped"
+        assert status()["models"]["chat"]["status"] == "off"  # the seed's word
+        assert status()["models"]["chat"]["state"] == "stopped"
         await client.load("chat")
         await wait_until(lambda: status()["models"]["chat"]["status"] == "ready", 2)
         assert status()["models"]["chat"]["port"]
         await client.unload("chat")
-        await wait_until(lambda: status()["models"]["chat"]["status"] == "stopped", 2)
+        await wait_until(lambda: status()["models"]["chat"]["status"] == "off", 2)
     assert status()["server"]["status"] == "shutting_down"
     assert not list(path.parent.glob(".*.tmp"))  # written by rename, nothing left behind
 
