@@ -33,12 +33,14 @@ def generate(out: Path | None = None) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def stale_files() -> list[str]:
-    """Return the stub files that differ from a fresh generation (empty when current)."""
+def stale_files(committed: Path = ROOT / STUB_DIR) -> list[str]:
+    """Return the stub files that differ from a fresh generation (empty when current).
+
+    ``committed`` is the folder compared with it (tests pass a doctored copy of router/v1).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh = Path(tmp) / STUB_DIR
-        committed = ROOT / STUB_DIR
         names = {p.name for p in fresh.iterdir()} | {
             p.name for p in committed.iterdir() if p.name != "__init__.py" and p.is_file()
         }
