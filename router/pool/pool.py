@@ -340,20 +340,32 @@ class Pool:
         return CandidateView(supervisor.alias, memory, supervisor.settings.allowed_devices)
 
     def _devices(self) -> list[DeviceView]:
-        """Device budgets for the policy: what is left once non-router usage is counted."""
+        """Device budgets for the policy: what is left once non-router usage is counted.
+
+        A real device's "used" includes the router's own children, which the policy counts
+        through their reservations: what each of them holds is taken out of "used" first.
+        """
         views = []
+        held: dict[str, int] | None = None
         for device in self.inventory.devices():
             if device.simulated or self.inventory.cpu_mode:
                 others = device.used_mib if device.simulated else 0
             else:
-                ours = sum(
-                    s.memory_measured_mib
-                    for s in self._supervisors.values()
-                    if s.device == device.id and s.alias in self._reservations
-                )
-                others = max(0, device.used_mib - ours)
+                held = self._held_per_device() if held is None else held
+                others = max(0, device.used_mib - held.get(device.id, 0))
             views.append(DeviceView(device.id, device.total_mib, others))
         return views
+
+    def _held_per_device(self) -> dict[str, int]:
+        held: dict[str, int] = {}
+        for alias, reservation in self._reservations.items():
+            sup = self._supervisors[alias]
+            child = sup.child
+            live = self.inventory.process_memory_mib(child.pid) if child and child.running else None
+            loaded = sup.state not in (ModelState.STARTING, ModelState.LOADING)
+            mib = held_mib(reservation.memory_mib, sup.memory_measured_mib, live, loaded=loaded)
+            held[reservation.device] = held.get(reservation.device, 0) + mib
+        return held
 
     def _residents(self, exclude: str) -> list[ResidentView]:
         residents: list[ResidentView] = []
@@ -373,6 +385,21 @@ class Pool:
                 )
             )
         return residents
+
+
+def held_mib(reservation_mib: int, measured_mib: int, live_mib: int | None, *, loaded: bool) -> int:
+    """How much of a real device's "used" memory one of the router's models accounts for.
+
+    NVML's per-process figure (``live_mib``) says exactly. Without one (NVML cannot see the
+    child's PID, as in many containers), a loaded model is taken to hold its reservation,
+    or what it measured if more. A loading one is taken to hold only what it measured
+    (nothing yet): while it loads its memory may count twice, which at worst makes another
+    load wait for it to finish; taking its whole reservation off before it is allocated
+    would let another model into memory that is about to be taken (an OOM on the GPU).
+    """
+    if live_mib is not None:
+        return live_mib
+    return max(measured_mib, reservation_mib) if loaded else measured_mib
 
 
 def _mtime(path: Path) -> float:

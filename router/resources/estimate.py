@@ -3,7 +3,9 @@
 weights  = bytes of the tensors that live on the device: every ``blk.N.*``
            tensor with N < offloaded layers, plus the output head when all
            layers are offloaded (llama.cpp keeps the input embeddings on the host).
-           In CPU mode every tensor counts.
+           A model with tied embeddings (no ``output.weight``) uses ``token_embd``
+           as its output head: offloaded, llama.cpp puts a second copy of it on the
+           device. In CPU mode every tensor counts, once.
 kv cache = cells × layers × (n_embd_k_gqa × size(type_k) + n_embd_v_gqa × size(type_v));
            with --kv-unified the context is shared by all slots, not multiplied. Layers
            with sliding-window attention (gemma2/3, cohere2) only keep
@@ -63,6 +65,7 @@ class GgufFacts:
     output_bytes: int  # output head (output.weight, output_norm)
     other_bytes: int  # token embeddings and anything else outside the blocks
     tensor_types: tuple[str, ...]
+    tied_output_bytes: int = 0  # token_embd when it doubles as the output head, else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +98,15 @@ def read_gguf(path: Path) -> GgufFacts:
     heads = number("attention.head_count", 1)
     embd = number("embedding_length")
     per_block = [0] * blocks
-    output = other = 0
+    output = other = token_embd = 0
+    has_output_weight = False
     types: set[str] = set()
     for tensor in reader.tensors:
         size = int(tensor.n_bytes)
         types.add(tensor.tensor_type.name)
+        if tensor.name == "token_embd.weight":
+            token_embd = size
+        has_output_weight = has_output_weight or tensor.name == "output.weight"
         match = _BLOCK.match(tensor.name)
         if match and int(match.group(1)) < blocks:
             per_block[int(match.group(1))] += size
@@ -125,6 +132,7 @@ def read_gguf(path: Path) -> GgufFacts:
         output_bytes=output,
         other_bytes=other,
         tensor_types=tuple(sorted(types)),
+        tied_output_bytes=0 if has_output_weight else token_embd,
     )
 
 
@@ -146,7 +154,7 @@ def estimate_memory(
     if not on_gpu:
         weights += facts.output_bytes + facts.other_bytes
     elif n_gpu_layers < 0 or n_gpu_layers > blocks:
-        weights += facts.output_bytes
+        weights += facts.output_bytes + facts.tied_output_bytes
     per_cell_layer = (
         facts.head_count_kv * facts.key_length * CACHE_TYPE_BYTES[type_k]
         + facts.head_count_kv * facts.value_length * CACHE_TYPE_BYTES[type_v]

@@ -139,3 +139,48 @@ def test_gemma3_270m_estimate_matches_llama_cpp(tmp_path: Path) -> None:
     )
     model = Path(package.assemble(tmp_path / "gemma3-270m.gguf"))
     check_against_llama_cpp(model, n_ctx=8192, slots=2, timeout=60)
+
+
+def write_header_only_gguf(path: Path, *, tied: bool) -> None:
+    """A one-block llama GGUF: token embeddings 64 × 1000 f32, with or without output.weight."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_context_length(256)
+    embeddings = np.zeros((1000, 64), dtype=np.float32)
+    writer.add_tensor("token_embd.weight", embeddings)
+    writer.add_tensor("blk.0.attn_norm.weight", np.zeros(64, dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.zeros(64, dtype=np.float32))
+    if not tied:
+        writer.add_tensor("output.weight", embeddings)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_embeddings_are_recognised(tmp_path: Path, tied: bool) -> None:
+    path = tmp_path / "model.gguf"
+    write_header_only_gguf(path, tied=tied)
+    facts = read_gguf(path)
+    assert facts.tied_output_bytes == (1000 * 64 * 4 if tied else 0)
+    assert facts.output_bytes == 64 * 4 + (0 if tied else 1000 * 64 * 4)
+
+
+def test_tied_embeddings_are_copied_to_the_gpu_with_the_output_layer() -> None:
+    """llama.cpp keeps token_embd on the host for the input and, when the output layer is
+    offloaded, duplicates it on the device as the output head of a model with no
+    output.weight (gemma3 is one)."""
+    tied = dataclasses.replace(GEMMA3_LIKE, output_bytes=MIB, tied_output_bytes=160 * MIB)
+    all_layers = 18 * 4 + 1
+    assert estimate(tied, on_gpu=True, n_gpu_layers=-1).weights_mib == all_layers + 160
+    assert estimate(tied, on_gpu=True, n_gpu_layers=99).weights_mib == all_layers + 160
+    # The output layer stays on the host: no copy on the device.
+    assert estimate(tied, on_gpu=True, n_gpu_layers=18).weights_mib == 18 * 4
+    # On the host the one token_embd serves both (it is part of other_bytes): counted once.
+    assert estimate(tied, on_gpu=False).weights_mib == 18 * 4 + 1 + 170
