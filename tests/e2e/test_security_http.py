@@ -44,6 +44,8 @@ KEYS = {
     "high": "high-key-0123456789",
     "limited": "lim-key-0123456789",
     "tokens": "tok-key-0123456789",
+    "monitor-chat": "mon-chat-key-0123456789",
+    "admin-chat": "adm-chat-key-0123456789",
     "wrong": "not-a-configured-key",
 }
 AUTH = {
@@ -54,6 +56,8 @@ AUTH = {
         {"key": KEYS["high"], "scopes": ["inference"], "allow_high_priority": True},
         {"key": KEYS["limited"], "scopes": ["inference"], "requests_per_minute": 2},
         {"key": KEYS["tokens"], "scopes": ["inference"], "tokens_per_minute": 5},
+        {"key": KEYS["monitor-chat"], "scopes": ["monitor"], "models": ["chat"]},
+        {"key": KEYS["admin-chat"], "scopes": ["admin"], "models": ["chat"]},
     ]
 }
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -130,6 +134,8 @@ SCOPES: dict[str | None, list[tuple[str, str, Any, int]]] = {
         ("GET", "/v1/models/chat", None, 401),
         ("GET", "/v1/models/status", None, 401),
         ("GET", "/v1/queue/stats", None, 401),
+        ("GET", "/metrics/stream", None, 401),
+        ("GET", "/vram/summary", None, 401),
         ("POST", "/v1/models/chat/load", {}, 401),
     ],
     "wrong": [
@@ -150,10 +156,12 @@ SCOPES: dict[str | None, list[tuple[str, str, Any, int]]] = {
         ("GET", "/v1/models/status/other", None, 404),
         ("GET", "/v1/queue/stats", None, 403),
         ("GET", "/vram", None, 403),
+        ("GET", "/vram/summary", None, 403),
         ("GET", "/v1/health/models", None, 403),
         ("GET", "/v1/telemetry/summary", None, 403),
         ("GET", "/v1/models/failed", None, 403),
         ("GET", "/v1/models/status/stream", None, 403),
+        ("GET", "/metrics/stream", None, 403),
         ("POST", "/v1/models/chat/load", {}, 403),
         ("POST", "/v1/models/eject", {"model": "chat"}, 403),
         ("POST", "/v1/models/chat/reset", {}, 403),
@@ -165,10 +173,13 @@ SCOPES: dict[str | None, list[tuple[str, str, Any, int]]] = {
         ("GET", "/v1/models/status", None, 200),
         ("GET", "/v1/queue/stats", None, 200),
         ("GET", "/vram", None, 200),
+        ("GET", "/vram/summary", None, 200),
+        ("GET", "/vram/models/other", None, 200),
         ("GET", "/v1/health/models", None, 200),
         ("GET", "/v1/telemetry/summary", None, 200),
         ("GET", "/v1/models/failed", None, 200),
         ("GET", "/v1/models/status/stream", None, 200),
+        ("GET", "/metrics/stream", None, 200),
         ("POST", "/v1/chat/completions", CHAT, 403),
         ("POST", "/v1/completions", COMPLETION, 403),
         ("POST", "/v1/embeddings", EMBED, 403),
@@ -187,7 +198,37 @@ SCOPES: dict[str | None, list[tuple[str, str, Any, int]]] = {
         ("POST", "/v1/models/eject", {"model": "other"}, 200),
         ("GET", "/v1/queue/stats", None, 200),
         ("GET", "/vram", None, 200),
+        ("GET", "/vram/summary", None, 200),
         ("GET", "/v1/models/status/stream", None, 200),
+        ("GET", "/metrics/stream", None, 200),
+    ],
+    # Allow-lists bind monitor and admin keys too: a model outside one does not exist for them.
+    "monitor-chat": [
+        ("GET", "/v1/models/chat", None, 200),
+        ("GET", "/v1/models/status/chat", None, 200),
+        ("GET", "/vram/models/chat", None, 200),
+        ("GET", "/v1/queue/stats", None, 200),
+        ("GET", "/vram/summary", None, 200),
+        ("GET", "/metrics/stream", None, 200),
+        ("GET", "/v1/models/other", None, 404),
+        ("GET", "/v1/models/status/other", None, 404),
+        ("GET", "/vram/models/other", None, 404),
+        ("POST", "/v1/chat/completions", CHAT, 403),
+        ("POST", "/v1/models/chat/load", {}, 403),
+    ],
+    "admin-chat": [
+        ("POST", "/v1/chat/completions", CHAT, 200),
+        ("GET", "/v1/models/chat/logs?lines=3", None, 200),
+        ("GET", "/metrics/stream", None, 200),
+        ("POST", "/v1/chat/completions", {**CHAT, "model": "other"}, 404),
+        ("POST", "/v1/embeddings", EMBED, 404),
+        ("GET", "/v1/models/other", None, 404),
+        ("POST", "/v1/models/other/load", {"wait": True}, 404),
+        ("POST", "/v1/models/other/unload", {}, 404),
+        ("POST", "/v1/models/eject", {"model": "other"}, 404),
+        ("POST", "/v1/models/other/reset", {}, 404),
+        ("GET", "/v1/models/other/logs", None, 404),
+        ("GET", "/vram/models/other", None, 404),
     ],
 }
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
@@ -218,6 +259,26 @@ async def test_a_key_sees_only_its_models(stack: Stack) -> None:
     assert [model["id"] for model in limited["data"]] == ["chat", "embed"]
     assert [model["id"] for model in everything["data"]] == ["chat", "other", "embed"]
     assert len(status["models"]) == 3
+
+
+@pytest.mark.parametrize("who", ["monitor-chat", "admin-chat"])
+async def test_monitor_and_admin_keys_see_only_their_models(stack: Stack, who: str) -> None:
+    headers = key_headers(who)
+    async with session_for(stack.base_url) as session:
+        answers = {
+            path: (await call(session, "GET", path, None, headers))[1]
+            for path in ("/v1/models", "/v1/models/status", "/v1/queue/stats", "/vram",
+                         "/v1/health/models", "/v1/telemetry/summary", "/metrics/stream")
+        }  # fmt: skip
+
+    assert [model["id"] for model in answers["/v1/models"]["data"]] == ["chat"]
+    assert [model["alias"] for model in answers["/v1/models/status"]["models"]] == ["chat"]
+    assert set(answers["/v1/queue/stats"]["per_model"]) == {"chat"}
+    assert {model["model"] for model in answers["/vram"]["models"]} <= {"chat"}
+    assert set(answers["/v1/health/models"]["models"]) == {"chat"}
+    assert set(answers["/v1/telemetry/summary"]["per_model"]) <= {"chat"}
+    metrics = json.loads(answers["/metrics/stream"].split("data: ", 1)[1])
+    assert [model["alias"] for model in metrics["models"]] == ["chat"]
 
 
 async def test_high_priority_only_for_keys_allowed_it(stack: Stack) -> None:
@@ -360,6 +421,8 @@ GRPC_SCOPES: list[tuple[str | None, str, dict[str, Any], str]] = [
     (None, _CONTROL + "ListModels", {}, "Unauthenticated"),
     (None, _CONTROL + "GetQueueStats", {}, "Unauthenticated"),
     (None, _CONTROL + "LoadModel", {"model": "chat"}, "Unauthenticated"),
+    (None, _CONTROL + "WatchModels", {}, "Unauthenticated"),
+    (None, _CONTROL + "GetModelHealth", {}, "Unauthenticated"),
     ("wrong", _CONTROL + "ListModels", {}, "Unauthenticated"),
     ("inference", "router.v1.InferenceService/Generate", _GENERATE, "OK"),
     ("inference", "router.v1.InferenceService/Embed", {"model": "embed", "inputs": ["a"]}, "OK"),
@@ -373,6 +436,11 @@ GRPC_SCOPES: list[tuple[str | None, str, dict[str, Any], str]] = [
     ),  # fmt: skip
     ("inference", _CONTROL + "GetQueueStats", {}, "PermissionDenied"),
     ("inference", _CONTROL + "GetResources", {}, "PermissionDenied"),
+    ("inference", _CONTROL + "WatchModels", {}, "PermissionDenied"),
+    ("inference", _CONTROL + "GetModelHealth", {}, "PermissionDenied"),
+    ("inference", _CONTROL + "GetTelemetrySummary", {}, "PermissionDenied"),
+    ("inference", _CONTROL + "ListFailedModels", {}, "PermissionDenied"),
+    ("inference", _CONTROL + "GetModelLogs", {"model": "chat"}, "PermissionDenied"),
     ("inference", _CONTROL + "LoadModel", {"model": "chat"}, "PermissionDenied"),
     (
         "inference",
@@ -389,23 +457,59 @@ GRPC_SCOPES: list[tuple[str | None, str, dict[str, Any], str]] = [
     ("monitor", _CONTROL + "GetQueueStats", {}, "OK"),
     ("monitor", _CONTROL + "GetResources", {}, "OK"),
     ("monitor", _CONTROL + "ListFailedModels", {}, "OK"),
+    ("monitor", _CONTROL + "GetModelHealth", {}, "OK"),
+    ("monitor", _CONTROL + "GetTelemetrySummary", {}, "OK"),
+    ("monitor", _CONTROL + "GetModel", {"model": "other"}, "OK"),
     ("monitor", "router.v1.InferenceService/Generate", _GENERATE, "PermissionDenied"),
+    (
+        "monitor",
+        "router.v1.InferenceService/Embed",
+        {"model": "embed", "inputs": ["a"]},
+        "PermissionDenied",
+    ),  # fmt: skip
+    ("monitor", _CONTROL + "LoadModel", {"model": "chat"}, "PermissionDenied"),
+    ("monitor", _CONTROL + "ResetModel", {"model": "chat"}, "PermissionDenied"),
     ("monitor", _CONTROL + "UnloadModel", {"model": "chat"}, "PermissionDenied"),
     ("monitor", _CONTROL + "GetModelLogs", {"model": "chat"}, "PermissionDenied"),
     ("admin", _CONTROL + "LoadModel", {"model": "chat", "wait": True}, "OK"),
     ("admin", _CONTROL + "GetModelLogs", {"model": "chat", "lines": 2}, "OK"),
     ("admin", _CONTROL + "ResetModel", {"model": "chat"}, "OK"),
+    ("admin", _CONTROL + "GetModelHealth", {}, "OK"),
+    ("admin", _CONTROL + "GetTelemetrySummary", {}, "OK"),
+    ("admin", "router.v1.InferenceService/Embed", {"model": "embed", "inputs": ["a"]}, "OK"),
+    # Allow-lists bind monitor and admin keys too.
+    ("monitor-chat", _CONTROL + "GetModel", {"model": "chat"}, "OK"),
+    ("monitor-chat", _CONTROL + "GetQueueStats", {}, "OK"),
+    ("monitor-chat", _CONTROL + "GetModel", {"model": "other"}, "NotFound"),
+    ("monitor-chat", _CONTROL + "GetResources", {"model": "other"}, "NotFound"),
+    ("monitor-chat", _CONTROL + "LoadModel", {"model": "chat"}, "PermissionDenied"),
+    ("admin-chat", _CONTROL + "GetModelLogs", {"model": "chat", "lines": 2}, "OK"),
+    ("admin-chat", _CONTROL + "LoadModel", {"model": "other"}, "NotFound"),
+    ("admin-chat", _CONTROL + "UnloadModel", {"model": "other"}, "NotFound"),
+    ("admin-chat", _CONTROL + "ResetModel", {"model": "other"}, "NotFound"),
+    ("admin-chat", _CONTROL + "GetModelLogs", {"model": "other"}, "NotFound"),
+    (
+        "admin-chat",
+        "router.v1.InferenceService/Embed",
+        {"model": "embed", "inputs": ["a"]},
+        "NotFound",
+    ),  # fmt: skip
 ]
+
+
+def proto_args(directory: Path) -> list[str]:
+    """grpcurl's arguments to read the router's protos (and a minimal health.proto)."""
+    (directory / "health.proto").write_text(HEALTH_PROTO)
+    protos = ["-import-path", str(REPO / "protos"), "-import-path", str(directory)]
+    for name in ("router/v1/inference_service.proto", "router/v1/model_control_service.proto"):
+        protos += ["-proto", name]
+    return [*protos, "-proto", "health.proto"]
 
 
 def test_each_scope_through_grpcurl(stack: Stack, tmp_path: Path) -> None:
     # From the proto sources rather than reflection, so a call without a key reaches the RPC
     # itself (reflection needs a key too; tests/integration/test_security.py checks that).
-    (tmp_path / "health.proto").write_text(HEALTH_PROTO)
-    protos = ["-import-path", str(REPO / "protos"), "-import-path", str(tmp_path)]
-    for name in ("router/v1/inference_service.proto", "router/v1/model_control_service.proto"):
-        protos += ["-proto", name]
-    protos += ["-proto", "health.proto"]
+    protos = proto_args(tmp_path)
     for who, method, request, expected in GRPC_SCOPES:
         headers = [] if who is None else ["-H", f"authorization: Bearer {KEYS[who]}"]
         result = subprocess.run(
@@ -419,6 +523,26 @@ def test_each_scope_through_grpcurl(stack: Stack, tmp_path: Path) -> None:
             assert result.returncode != 0, (who, method, result.stdout)
             assert f"Code: {expected}" in result.stderr, (who, method, result.stderr)
             assert_no_disclosure(result.stderr, secrets=KEYS.values(), where=method)
+
+
+@pytest.mark.parametrize(
+    ("who", "visible"),
+    [("monitor", ["chat", "other", "embed"]), ("admin", ["chat", "other", "embed"]),
+     ("monitor-chat", ["chat"]), ("admin-chat", ["chat"])],
+)  # fmt: skip
+def test_watch_models_through_grpcurl_shows_a_keys_models(
+    stack: Stack, tmp_path: Path, who: str, visible: list[str]
+) -> None:
+    # The stream never ends by itself: grpcurl gives up after its first events.
+    result = subprocess.run(
+        [GRPCURL, "-plaintext", "-max-time", "2", *proto_args(tmp_path), "-H",
+         f"authorization: Bearer {KEYS[who]}", "-d", "{}", stack.grpc_target,
+         _CONTROL + "WatchModels"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "Code: DeadlineExceeded" in result.stderr, result.stderr
+    first = json.loads(result.stdout[: result.stdout.index("\n}\n") + 2])
+    assert [model["alias"] for model in first["fullStatus"]["models"]] == visible
 
 
 # Transport security
