@@ -82,14 +82,28 @@ class LivenessMonitor:
 
     async def run(self) -> None:
         while True:
-            ready = [s for s in self._supervisors() if s.state is ModelState.READY]
-            await asyncio.gather(*(self._probe(s) for s in ready))
-            suspects = any(self.record(s.alias).suspect for s in ready)
+            suspects = False
+            # One model's error (or a bug here) must not end probing for every model.
+            try:
+                suspects = await self._probe_all()
+            except Exception:
+                _LOGGER.exception("liveness round failed; probing goes on")
             self._wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     self._wakeup.wait(), self._timeout if suspects else self._interval
                 )
+
+    async def _probe_all(self) -> bool:
+        """Probe every READY child; return whether one is suspect (fast probing)."""
+        ready = [s for s in self._supervisors() if s.state is ModelState.READY]
+        results = await asyncio.gather(*(self._probe(s) for s in ready), return_exceptions=True)
+        for supervisor, result in zip(ready, results, strict=True):
+            if isinstance(result, Exception):
+                _LOGGER.error("%s: liveness probe failed", supervisor.alias, exc_info=result)
+            elif isinstance(result, BaseException):
+                raise result  # cancelled: the monitor is stopping
+        return any(self.record(s.alias).suspect for s in ready)
 
     async def _probe(self, supervisor: Supervisor) -> None:
         upstream = supervisor.upstream

@@ -208,9 +208,15 @@ class Pool:
         self.spawn(preload(), name="preload")
 
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+        """Run ``coro`` in the background until shutdown; an error it ends with is logged."""
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _LOGGER.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def shutdown(self) -> None:
         for task in list(self._background):

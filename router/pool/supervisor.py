@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,6 +54,9 @@ S = ModelState
 # A crash sooner continues the count, so a child that crashes soon after each start (on its
 # first request, say) backs off further each time and opens the circuit like a failing load.
 STABLE_AFTER_SEC = 60.0
+# After a SIGKILL a process normally is reaped at once; one stuck in the kernel (a GPU
+# driver call) may not be. A replacement waits this long (twice) before going on without it.
+KILL_WAIT_SEC = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +154,7 @@ class Supervisor:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._stable_timer: asyncio.TimerHandle | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, kept referenced
         self.device = ""
         self.created_at = 0.0  # the model file's mtime, set by the pool at start
         self.estimate: MemoryEstimate | None = None
@@ -272,6 +276,18 @@ class Supervisor:
         old, self._changed = self._changed, asyncio.get_running_loop().create_future()
         old.set_result(None)
         self._ctx.publish(self.snapshot())
+
+    def _background(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        """Run ``coro`` as a task that is referenced until done and whose error is logged
+        (an unreferenced task may be collected mid-run, and its exception is lost)."""
+        task = asyncio.create_task(coro, name=f"{what}:{self.alias}")
+        self._tasks.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _LOGGER.error("%s failed", task.get_name(), exc_info=task.exception())
 
     # ---- requests ------------------------------------------------------------
 
@@ -514,7 +530,7 @@ class Supervisor:
             child.exited.add_done_callback(partial(self._on_exit_future, child))
             self._transition(S.READY)
             self._arm_idle_timer()
-            asyncio.get_running_loop().create_task(self._measure(child))
+            self._background(self._measure(child), "measure")
             return
         raise LoadError(Failure(FailureKind.RETRYABLE, "no free port could be bound"))
 
@@ -553,7 +569,16 @@ class Supervisor:
             self._child = None
             self._upstream = None
             self._cancel_stable_timer()
-        await asyncio.to_thread(self._ctx.registry.forget, child.pid)
+        if child.running:
+            # Not reaped yet (see replace_hung): its record stays, so a restarted router
+            # still stops it, until it is gone.
+            child.exited.add_done_callback(
+                lambda _: self._background(
+                    asyncio.to_thread(self._ctx.registry.forget, child.pid), "forget-record"
+                )
+            )
+        else:
+            await asyncio.to_thread(self._ctx.registry.forget, child.pid)
         if self._key_file is not None:
             key_file, self._key_file = self._key_file, None
             with contextlib.suppress(OSError):
@@ -611,7 +636,7 @@ class Supervisor:
         self._cancel_stable_timer()
         self._abort_leases(f"model '{self.alias}' stopped unexpectedly: {failure.summary}")
         self._transition(S.STOPPED)
-        asyncio.get_running_loop().create_task(self._forget_child(child))
+        self._background(self._forget_child(child), "forget-child")
         self._after_crash(failure.summary)
 
     def _abort_leases(self, message: str) -> None:
@@ -724,8 +749,21 @@ class Supervisor:
         # Out of READY before the kill: no new request may reach the hung child while it dies
         # (and its exit, now expected, is not counted twice by _on_exit).
         self._transition(S.STOPPING)
-        child.kill()
-        await asyncio.shield(child.exited)
+        wait = max(KILL_WAIT_SEC, self.settings.stop_grace_sec)
+        for _ in range(2):
+            child.kill()
+            done, _ = await asyncio.wait({child.exited}, timeout=wait)
+            if done:
+                break
+        else:
+            # Waiting longer would leave the model STOPPING, unusable, for as long as the
+            # kernel holds the process; its record stays in the registry (_forget_child).
+            _LOGGER.error(
+                "%s: pid %d not reaped %g s after SIGKILL; going on without it",
+                self.alias,
+                child.pid,
+                2 * wait,
+            )
         await self._forget_child(child)
         self._transition(S.STOPPED)
         self._after_crash("the model stopped responding")
@@ -783,7 +821,7 @@ class Supervisor:
     def _idle_expired(self) -> None:
         self._idle_timer = None
         if self.state is S.READY and not self.busy:
-            asyncio.get_running_loop().create_task(self.evict(idle=True))
+            self._background(self.evict(idle=True), "idle-unload")
 
 
 def device_env(device: str) -> dict[str, str]:
