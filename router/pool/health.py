@@ -17,6 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import aiohttp
+
+from router.pool import process
 from router.pool.state import ModelState
 from router.pool.supervisor import Supervisor
 
@@ -80,12 +83,13 @@ class LivenessMonitor:
         self.record(supervisor.alias).suspect = True
         self._wakeup.set()
 
-    async def run(self) -> None:
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Probe until cancelled, through ``session`` (an untraced one: see PoolContext)."""
         while True:
             suspects = False
             # One model's error (or a bug here) must not end probing for every model.
             try:
-                suspects = await self._probe_all()
+                suspects = await self._probe_all(session)
             except Exception:
                 _LOGGER.exception("liveness round failed; probing goes on")
             self._wakeup.clear()
@@ -94,10 +98,12 @@ class LivenessMonitor:
                     self._wakeup.wait(), self._timeout if suspects else self._interval
                 )
 
-    async def _probe_all(self) -> bool:
+    async def _probe_all(self, session: aiohttp.ClientSession) -> bool:
         """Probe every READY child; return whether one is suspect (fast probing)."""
         ready = [s for s in self._supervisors() if s.state is ModelState.READY]
-        results = await asyncio.gather(*(self._probe(s) for s in ready), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._probe(s, session) for s in ready), return_exceptions=True
+        )
         for supervisor, result in zip(ready, results, strict=True):
             if isinstance(result, Exception):
                 _LOGGER.error("%s: liveness probe failed", supervisor.alias, exc_info=result)
@@ -105,14 +111,15 @@ class LivenessMonitor:
                 raise result  # cancelled: the monitor is stopping
         return any(self.record(s.alias).suspect for s in ready)
 
-    async def _probe(self, supervisor: Supervisor) -> None:
-        upstream = supervisor.upstream
-        if upstream is None:
+    async def _probe(self, supervisor: Supervisor, session: aiohttp.ClientSession) -> None:
+        child = supervisor.child
+        if child is None or supervisor.state is not ModelState.READY:
             return
         record = self.record(supervisor.alias)
         started = time.monotonic()
-        ok = await upstream.healthy(self._timeout)
-        if supervisor.upstream is not upstream:
+        url = f"http://127.0.0.1:{child.port}/health"
+        ok = await process.health_status(session, url, self._timeout) == 200
+        if supervisor.child is not child or supervisor.state is not ModelState.READY:
             return  # the child changed while probing; this result is about the old one
         record.probes += 1
         record.total_probe_ms += (time.monotonic() - started) * 1000

@@ -91,6 +91,7 @@ class Pool:
         self.inventory = inventory
         self._registry = ChildRegistry(settings.system.resolved_state_dir(settings.grpc))
         self._session: aiohttp.ClientSession | None = None
+        self._probe_session: aiohttp.ClientSession | None = None
         self._supervisors: dict[str, Supervisor] = {}
         self._reservations: dict[str, Reservation] = {}
         self._load_turns: dict[str, asyncio.Semaphore] = {}
@@ -129,11 +130,16 @@ class Pool:
             auto_decompress=False,
             trace_configs=trace_configs,
         )
+        # Never traced (see PoolContext.probe_session); probes close their connections.
+        self._probe_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True)
+        )
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             _LOGGER.warning("setpriv not found: children will not die with the router")
         context = PoolContext(
             session=self._session,
+            probe_session=self._probe_session,
             registry=self._registry,
             admission=self,
             publish=self._publish,
@@ -152,7 +158,7 @@ class Pool:
             supervisor.created_at = await asyncio.to_thread(
                 _mtime, supervisor.settings.spec.model_path
             )
-        self.spawn(self.liveness.run(), name="liveness")
+        self.spawn(self.liveness.run(self._probe_session), name="liveness")
         self.spawn(self._estimate_all(), name="estimates")
 
     async def _estimate_all(self) -> None:
@@ -225,8 +231,9 @@ class Pool:
         await asyncio.gather(
             *(sup.shutdown() for sup in self._supervisors.values()), return_exceptions=True
         )
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
         await asyncio.to_thread(self._registry.release)
 
     # ---- lookups -------------------------------------------------------------

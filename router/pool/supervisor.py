@@ -116,6 +116,9 @@ class PoolContext:
     """Shared resources every supervisor uses."""
 
     session: aiohttp.ClientSession
+    # /health probes go through their own, uninstrumented session: traced, every request
+    # that loads a model would carry a span per readiness poll (most of them errors).
+    probe_session: aiohttp.ClientSession
     registry: ChildRegistry
     admission: Admission
     publish: Callable[[ModelSnapshot], None]
@@ -497,7 +500,7 @@ class Supervisor:
                 self._child = child
                 await asyncio.to_thread(self._ctx.registry.record, self.alias, child.pid)
                 await child.wait_ready(
-                    self._ctx.session, self.settings.wait_ready_sec, self._on_loading
+                    self._ctx.probe_session, self.settings.wait_ready_sec, self._on_loading
                 )
             except ChildExited as exited:
                 failure = classify_exit(exited.returncode, self.log.tail(40))

@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from clients import End
@@ -67,14 +68,14 @@ async def test_a_child_that_sigkill_does_not_reap_is_given_up_on_after_a_bound(
 
 
 class BrokenSupervisor:
-    """A peer whose probe raises: it is READY, but reading its upstream fails."""
+    """A peer whose probe raises: it is READY, but reading its child fails."""
 
     alias = "broken"
     state = ModelState.READY
 
     @property
-    def upstream(self) -> None:
-        raise RuntimeError("broken upstream")
+    def child(self) -> None:
+        raise RuntimeError("broken child")
 
 
 async def test_an_error_in_a_liveness_round_does_not_stop_probing(
@@ -96,15 +97,16 @@ async def test_an_error_in_a_liveness_round_does_not_stop_probing(
             return [BrokenSupervisor(), real]  # type: ignore[list-item]
 
         monitor = LivenessMonitor(supervisors, interval=0.05, timeout=1.0, failures_to_replace=2)
-        task = asyncio.create_task(monitor.run())
-        try:
-            await wait_until(lambda: monitor.record("m").successes >= 3, 5)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.create_task(monitor.run(session))
+            try:
+                await wait_until(lambda: monitor.record("m").successes >= 3, 5)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
     assert "liveness round failed" in caplog.text and "listing failed" in caplog.text
-    assert "broken: liveness probe failed" in caplog.text and "broken upstream" in caplog.text
+    assert "broken: liveness probe failed" in caplog.text and "broken child" in caplog.text
 
 
 class UnmeasurableHost(HostMemory):
