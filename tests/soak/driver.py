@@ -9,6 +9,11 @@ class, and /proc samples of the router and facade. Outcomes:
 * error     - a clean error: OpenAI's envelope (HTTP status or SSE frame) disclosing nothing;
 * unclean   - anything else (a 500, a hang past the timeout, a torn connection, a bad body).
 
+The router keeps its own count of the inference requests it finished, by endpoint and status
+class (`routermodel_requests_total`); `Ledger.reconcile` holds it against the clients' ledger,
+so a request the router lost or counted twice (e.g. a handler left unfinished) shows. `quiesce`
+checks, before anything is unloaded, that no slot stays busy and no waiter stays queued.
+
 Each client draws its schedule from its own seeded `random.Random`, so the mix is the same run
 to run (the timings are not).
 """
@@ -27,11 +32,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.disclosure import disclosures
 from tests.procfs import open_fds, rss_bytes
 
-__all__ = ["Ledger", "Sample", "canonical_fds", "settle", "soak"]
+__all__ = [
+    "Ledger",
+    "Sample",
+    "canonical_fds",
+    "quiesce",
+    "router_requests",
+    "settle",
+    "soak",
+]
 
 CHAT, EMBED = "chat", "embed"
 ALIASES = (CHAT, EMBED)
@@ -52,6 +66,8 @@ MIX: dict[str, int] = {
 DISCONNECT_RATE = 0.2
 REQUEST_TIMEOUT_SEC = 60.0
 MIB = 1024 * 1024
+# Client kind -> the router endpoint (label of routermodel_requests_total) it calls.
+ENDPOINTS = {"chat": "chat", "chat_stream": "chat", "embeddings": "embeddings"}
 
 Outcome = tuple[str, str]  # ("completed" | "cancelled" | "error" | "unclean", detail)
 
@@ -79,11 +95,46 @@ class Ledger:
     samples: list[Sample] = field(default_factory=list)
     fds_before: dict[str, int] = field(default_factory=dict)
     fds_after: dict[str, int] = field(default_factory=dict)
+    # The router's own count over the run: (endpoint, "2xx" | "4xx" | "5xx" | "cancelled").
+    router: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def accounted(self) -> int:
-        """Requests with a recorded outcome: all of the `started` ones when none was lost."""
+        """Requests with a recorded outcome (the client side of the ledger)."""
         return sum(self.requests.values())
+
+    def reconcile(self) -> list[str]:
+        """Where the router's count of inference requests disagrees with the clients'.
+
+        A request a client left may have ended any way at the router, or never reached it;
+        every other one reached it and ended there as the client saw it. So per endpoint:
+        router successes and errors are the clients' plus at most the ones left, router
+        cancellations at most the ones left, and the router's total lies between the clients'
+        total less the ones left and the clients' total.
+        """
+        problems = []
+        for endpoint in sorted(set(ENDPOINTS.values())):
+            client: Counter[str] = Counter()
+            for (kind, outcome), count in self.requests.items():
+                if ENDPOINTS.get(kind) == endpoint:
+                    client[outcome] += count
+            router = Counter({s: n for (e, s), n in self.router.items() if e == endpoint})
+            left = client["cancelled"]
+            ok, cancelled = router["2xx"], router["cancelled"]
+            errors = router["4xx"] + router["5xx"]
+            total, client_total = ok + errors + cancelled, sum(client.values())
+            for what, low, value, high in (
+                ("successes", client["completed"], ok, client["completed"] + left),
+                ("errors", client["error"], errors, client["error"] + left),
+                ("cancellations", 0, cancelled, left),
+                ("requests", client_total - left, total, client_total),
+            ):
+                if not low <= value <= high:
+                    problems.append(
+                        f"{endpoint}: router {what} {value} not in [{low}, {high}]"
+                        f" (clients {dict(client)}, router {dict(router)})"
+                    )
+        return problems
 
     def window_rss(self, name: str, start: float, end: float) -> float:
         """Median RSS of process `name` over the samples taken in [start, end) seconds."""
@@ -106,6 +157,7 @@ class Ledger:
         )
         lines.append(f"  unclean      {len(self.unclean)}  {self.unclean[:5]}")
         lines.append(f"  model loads  {dict(self.loads)}")
+        lines.append(f"  router count {dict(sorted(self.router.items()))}")
         second = (window_sec, 2 * window_sec)
         last = (self.duration_sec - window_sec, self.duration_sec + 1)
         for name in sorted(self.fds_before):
@@ -280,12 +332,13 @@ async def _watch(base_url: str, ledger: Ledger) -> None:
                 if not line.startswith(b"data: "):
                     continue
                 event = json.loads(line[len(b"data: ") :])
-                models = event.get("models") or [event]
-                for model in models:
+                # The seed's payloads: full_status keys its models by alias, model_update is one.
+                models = event.get("models")
+                for model in models.values() if isinstance(models, dict) else [event]:
                     alias, state = model.get("alias"), model.get("state")
                     if alias is None or state is None:
                         continue
-                    is_ready = state == "MODEL_STATE_READY"
+                    is_ready = state == "ready"
                     if is_ready and not ready.get(alias, False):
                         ledger.loads[alias] += 1
                     ready[alias] = is_ready
@@ -325,6 +378,48 @@ async def soak(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     return ledger
+
+
+async def quiesce(base_url: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Wait, unloading nothing, until no slot is busy and no waiter queued; the queue stats.
+
+    Run right after the clients stop: a request left by its client frees its slot or its place
+    in the queue as soon as the router sees the cancel, so whatever stays busy here leaked.
+    (`settle` unloads every model, which would free them anyway.)
+    """
+    deadline = time.monotonic() + timeout
+    limit = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(base_url, timeout=limit) as session:
+        while True:
+            async with session.get("/v1/queue/stats") as response:
+                stats: dict[str, Any] = await response.json()
+            async with session.get("/v1/models/status") as response:
+                models = (await response.json())["models"]
+            busy = [
+                (m["alias"], m["in_flight"], m["queued"])
+                for m in models
+                if m["in_flight"] or m["queued"]
+            ]
+            summary = stats["summary"]
+            if not busy and summary["total_queued"] == summary["total_processing"] == 0:
+                return stats
+            assert time.monotonic() < deadline, (
+                f"busy {timeout} s after the clients: {busy} {stats}"
+            )
+            await asyncio.sleep(0.1)
+
+
+async def router_requests(metrics_url: str) -> Counter[tuple[str, str]]:
+    """The router's count of finished inference requests: (endpoint, status class) -> n."""
+    async with aiohttp.ClientSession() as session, session.get(metrics_url) as response:
+        assert response.status == 200, await response.text()
+        text = await response.text()
+    counts: Counter[tuple[str, str]] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "routermodel_requests_total":
+                counts[(sample.labels["endpoint"], sample.labels["status"])] += int(sample.value)
+    return counts
 
 
 async def settle(base_url: str, timeout: float = 30.0) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """The soak over real router, facade and llama-server processes on the tiny models.
 
 Two models swap (`max_concurrent_models: 1`) under mixed chat, streamed chat, embeddings and
-admin traffic with random disconnects (tests/soak/driver.py). Afterwards nothing runs or waits,
-every request is accounted for, file descriptors are back to their count after the warm-up and
-the router's and facade's memory did not grow between the second and the last window. The
+admin traffic with random disconnects (tests/soak/driver.py). Right after the clients stop,
+before any model is unloaded, no slot is busy and no waiter queued, and the router's own count
+of the requests it finished agrees with the clients' ledger (every request accounted for, by
+outcome); once the pool is emptied, file descriptors are back to their count after the warm-up,
+and the router's and facade's memory did not grow between the second and the last window. The
 30 s variant runs in `make test`; the 5-minute one is marked `soak` (`make soak`).
 """
 
@@ -16,7 +18,7 @@ import pytest
 from tests.e2e.stack import facade_process
 from tests.helpers import chat_model, embed_model, free_port, router_process, write_config
 from tests.procfs import children
-from tests.soak.driver import Ledger, canonical_fds, settle, soak
+from tests.soak.driver import Ledger, canonical_fds, quiesce, router_requests, settle, soak
 
 SEED = 20_251_125
 CLIENTS = 4
@@ -28,7 +30,7 @@ RSS_GROWTH = 1.10
 async def run_soak(
     directory: Path, tiny_chat: Path, tiny_embed: Path, *, duration: float, window: float
 ) -> Ledger:
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     models = {"chat": chat_model(tiny_chat), "embed": embed_model(tiny_embed)}
     system = {
         "max_concurrent_models": 1,
@@ -36,9 +38,15 @@ async def run_soak(
         "drain_timeout_sec": 5,
     }
     config = write_config(
-        directory, models, system=system, grpc_port=grpc_port, api={"port": http_port}
+        directory,
+        models,
+        system=system,
+        grpc_port=grpc_port,
+        api={"port": http_port},
+        telemetry={"metrics_port": metrics_port},
     )
     base_url = f"http://127.0.0.1:{http_port}"
+    router_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     with (
         router_process(config, grpc_port, log=directory / "router.log") as router,
         facade_process(config, http_port, log=directory / "facade.log") as facade,
@@ -49,10 +57,13 @@ async def run_soak(
         await soak(base_url, pids, window / 2, clients=CLIENTS, seed=SEED - 1)
         await settle(base_url)
         fds_before = await canonical_fds(pids)
+        counted_before = await router_requests(router_metrics)
 
         ledger = await soak(base_url, pids, duration, clients=CLIENTS, seed=SEED)
 
-        stats = await settle(base_url)
+        stats = await quiesce(base_url)  # before settle(), whose unloads would free any leak
+        ledger.router = await router_requests(router_metrics) - counted_before
+        await settle(base_url)
         ledger.fds_before, ledger.fds_after = fds_before, await canonical_fds(pids)
         print("\n" + ledger.report(window))
         assert children(router.pid) == []  # every child stopped, none orphaned
@@ -66,7 +77,8 @@ async def run_soak(
 
 def check(ledger: Ledger, window: float) -> None:
     assert ledger.unclean == [], ledger.unclean
-    assert ledger.started == ledger.accounted
+    assert ledger.started == ledger.accounted  # the clients' side: no exception escaped
+    assert ledger.reconcile() == [], ledger.reconcile()  # the router's side agrees
     kinds = {kind for kind, _ in ledger.requests}
     assert {"chat", "chat_stream", "embeddings", "load", "unload"} <= kinds
     assert (
