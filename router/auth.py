@@ -143,8 +143,10 @@ def visible(aliases: Iterable[str]) -> list[str]:
 def presented_key(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     """The key from ``authorization: Bearer <key>`` or ``x-api-key: <key>``."""
     for name, value in metadata:
-        text = value.decode() if isinstance(value, bytes) else value
         lowered = name.lower()
+        if lowered not in ("authorization", "x-api-key"):
+            continue  # other headers may be binary (-bin): any bytes, not ours to decode
+        text = value if isinstance(value, str) else value.decode("utf-8", "replace")
         if lowered == "authorization" and text[:7].lower() == "bearer ":
             return text[7:].strip()
         if lowered == "x-api-key":

@@ -88,3 +88,20 @@ async def test_a_client_streaming_call_is_refused_even_with_an_admin_key(
             assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
             assert refused.value.details() == "this method cannot be authorized"
     assert served.calls == ["ping"]  # the unguarded behavior never ran
+
+
+async def test_binary_metadata_next_to_the_key_is_no_internal_error(
+    server: tuple[str, Served],
+) -> None:
+    # Binary (-bin) headers reach the server as bytes, any bytes: tracing systems and clients
+    # send them. Reading the key must skip them, not fail the call with INTERNAL.
+    target, _ = server
+    blob = (("x-trace-bin", b"\xff\xfe\x00"),)
+    async with grpc.aio.insecure_channel(target) as channel:
+        ping = channel.unary_unary(
+            "/test.Synthetic/Ping", request_serializer=_identity, response_deserializer=_identity
+        )
+        assert await ping(b"x", metadata=blob + METADATA, timeout=10) == b"x"
+        with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+            await ping(b"x", metadata=blob, timeout=10)
+        assert anonymous.value.code() is grpc.StatusCode.UNAUTHENTICATED
