@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from clients import (
     UnavailableError,
 )
 from clients.errors import RouterError
+from router.config import Settings
 from router.v1 import model_control_service_pb2 as mpb
 from tests.disclosure import assert_error_discloses_nothing
 from tests.helpers import fake_server, pid_alive, running_router, settings_for, wait_until
@@ -358,40 +360,83 @@ async def test_force_unload_fails_in_flight_requests(tmp_path: Path, fake, fake_
         assert caught.value.reason == "MODEL_UNLOADED"
 
 
-async def test_hung_child_is_replaced(tmp_path: Path, fake, fake_model) -> None:
-    settings = settings_for(
+def hung_settings(
+    tmp_path: Path,
+    fake: Callable[..., str],
+    fake_model: Callable[[Path, str], dict[str, object]],
+    **system: Any,
+) -> Settings:
+    return settings_for(
         tmp_path,
         {"m": fake_model(tmp_path, "m"), "bystander": fake_model(tmp_path, "bystander")},
         system={
             "llama_server_path": fake("--token-delay 0.01"),
-            "request_timeout_sec": 1.0,
-            "probe_interval_sec": 0.3,
             "probe_timeout_sec": 0.3,
             "probe_failures_to_replace": 2,
+            **system,
         },
+    )
+
+
+async def stream_then_hang(client: RouterClient, pid: int) -> None:
+    """Stream from "m" and SIGSTOP its child at the first chunk, checking that "bystander"
+    still serves meanwhile; the stream's error propagates."""
+    hung = False
+    async for event in client.generate("m", {**PROMPT, "max_tokens": 10000}):
+        if isinstance(event, Chunk) and not hung:
+            os.kill(pid, signal.SIGSTOP)
+            hung = True
+            assert isinstance((await drain(client, "bystander"))[-1], End)
+    raise AssertionError("the stream ended normally")
+
+
+async def test_a_request_to_a_hung_child_ends_after_the_request_timeout(
+    tmp_path: Path, fake, fake_model
+) -> None:
+    """Probes are far apart: the request's own silence bound ends it, with a clean
+    DEADLINE_EXCEEDED; then the child, marked suspect, is probed at once and replaced."""
+    settings = hung_settings(
+        tmp_path, fake, fake_model, request_timeout_sec=1.0, probe_interval_sec=3600
     )
     async with running_router(settings) as (router, client):
         await client.load("m")
         await client.load("bystander")
         pid = router.pool.get("m").child.pid  # type: ignore[union-attr]
         bystander_pid = router.pool.get("bystander").child.pid  # type: ignore[union-attr]
-        stopped = False
-        started = 0.0
-        with pytest.raises((DeadlineExceededError, UnavailableError)) as caught:
-            async for event in client.generate("m", {**PROMPT, "max_tokens": 10000}):
-                if isinstance(event, Chunk) and not stopped:
-                    os.kill(pid, signal.SIGSTOP)
-                    stopped, started = True, time.monotonic()
-                    # Other models serve normally while this one hangs.
-                    assert isinstance((await drain(client, "bystander"))[-1], End)
-        assert time.monotonic() - started < 3
-        assert isinstance(caught.value, RouterError)
-        assert_error_discloses_nothing(caught.value, secrets=[str(tmp_path)])
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError) as caught:
+            await stream_then_hang(client, pid)
+        elapsed = time.monotonic() - started
+        assert caught.value.reason == "UPSTREAM_TIMEOUT"
+        assert 0.9 < elapsed < 2.5, elapsed  # request_timeout_sec after the last byte
         await wait_until(lambda: not pid_alive(pid), 5)
-        events = await drain(client, "m")
-        assert isinstance(events[-1], End)
+        assert router.pool.liveness.record("m").replacements == 1
+        assert isinstance((await drain(client, "m"))[-1], End)
+        assert router.pool.get("bystander").child.pid == bystander_pid  # type: ignore[union-attr]
+
+
+async def test_the_liveness_probe_replaces_a_hung_child(tmp_path: Path, fake, fake_model) -> None:
+    """The request would wait 30 s for a byte; the probe (every 0.3 s, two misses) finds the
+    child hung first, replaces it, and the request ends with UNAVAILABLE."""
+    settings = hung_settings(
+        tmp_path, fake, fake_model, request_timeout_sec=30, probe_interval_sec=0.3
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("m")
+        await client.load("bystander")
+        pid = router.pool.get("m").child.pid  # type: ignore[union-attr]
+        bystander_pid = router.pool.get("bystander").child.pid  # type: ignore[union-attr]
+        started = time.monotonic()
+        with pytest.raises(UnavailableError) as caught:
+            await stream_then_hang(client, pid)
+        assert time.monotonic() - started < 3
+        assert caught.value.reason == "MODEL_CRASHED"
+        assert "stopped responding" in caught.value.message
+        await wait_until(lambda: not pid_alive(pid), 5)
         health = router.pool.liveness.record("m")
         assert health.replacements == 1
+        assert isinstance((await drain(client, "m"))[-1], End)
+        assert router.pool.get("m").child.pid != pid  # type: ignore[union-attr]
         assert router.pool.get("bystander").child.pid == bystander_pid  # type: ignore[union-attr]
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from clients import End, GenerateEvent, Loading, Queued, RouterClient, UnavailableError
+from router.pool.process import ChildProcess
 from router.pool.snapshot import LoadStage
 from router.pool.state import ModelState
 from router.scheduler.queue import Priority
@@ -239,11 +240,21 @@ async def test_best_fit_placement_across_gpus(tmp_path: Path, tiny_chat: Path) -
             "gpu_devices": [0, 1, 2],
         },
     )
-    async with running_router(settings) as (_, client):
+    async with running_router(settings) as (router, client):
         await client.load("small")
         await client.load("large")
         devices = {m.alias: m.device for m in (await client.list_models()).models}
+        # Each child sees only the GPU it was placed on.
+        visible = {alias: cuda_visible_devices(router.pool.get(alias).child) for alias in devices}
     assert devices == {"small": "gpu:1", "large": "gpu:2"}
+    assert visible == {"small": "1", "large": "2"}
+
+
+def cuda_visible_devices(child: ChildProcess | None) -> str | None:
+    assert child is not None
+    raw = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+    found = [item.split(b"=", 1)[1] for item in raw if item.startswith(b"CUDA_VISIBLE_DEVICES=")]
+    return found[0].decode() if found else None
 
 
 async def test_one_load_at_a_time_per_device_without_blocking_ready_models(
@@ -386,3 +397,30 @@ async def test_a_model_only_pinned_models_stand_in_the_way_of_is_refused_at_once
         assert caught.value.reason == "NO_CAPACITY"
         assert "pinned models (pinned)" in caught.value.message
         assert caught.value.retry_after is not None
+
+
+async def test_a_cold_model_is_served_within_the_swap_budget_under_a_steady_stream(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    """Capacity for one model; resident A always has requests in flight and waiting. Without
+    the swap budget A never goes idle and B times out (QUEUE_TIMEOUT after 6 s); with it A
+    serves at most swap_batch_limit more, is evicted, and B loads (about 1.2 s measured)."""
+    settings = settings_for(
+        tmp_path,
+        {"a": chat_model(tiny_chat), "b": chat_model(tiny_chat)},
+        system={
+            "llama_server_path": fake_server(tmp_path, "--token-delay 0.01"),
+            "max_concurrent_models": 1,
+            "swap_batch_limit": 3,
+            "queue_timeout_sec": 6,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("a")
+        async with steady_stream(client, "a", 4):
+            await wait_until(lambda: router.pool.get("a").queue.waiting > 0, 5)
+            started = time.monotonic()
+            events = await run(client, "b", 5)
+            waited = time.monotonic() - started
+        assert isinstance(events[-1], End)
+    assert waited < 4, waited
