@@ -408,6 +408,7 @@ async def test_a_request_to_a_hung_child_ends_after_the_request_timeout(
             await stream_then_hang(client, pid)
         elapsed = time.monotonic() - started
         assert caught.value.reason == "UPSTREAM_TIMEOUT"
+        assert_error_discloses_nothing(caught.value, secrets=[str(tmp_path)])
         assert 0.9 < elapsed < 2.5, elapsed  # request_timeout_sec after the last byte
         await wait_until(lambda: not pid_alive(pid), 5)
         assert router.pool.liveness.record("m").replacements == 1
@@ -432,6 +433,7 @@ async def test_the_liveness_probe_replaces_a_hung_child(tmp_path: Path, fake, fa
         assert time.monotonic() - started < 3
         assert caught.value.reason == "MODEL_CRASHED"
         assert "stopped responding" in caught.value.message
+        assert_error_discloses_nothing(caught.value, secrets=[str(tmp_path)])
         await wait_until(lambda: not pid_alive(pid), 5)
         health = router.pool.liveness.record("m")
         assert health.replacements == 1
