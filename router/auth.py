@@ -38,7 +38,7 @@ import grpc
 
 from router.config import ApiKey
 from router.errors import ModelNotFound, PermissionDenied, RateLimited, Unauthenticated
-from router.interceptors import Bidi, Stream, Unary, rewrap
+from router.interceptors import Bidi, Stream, Unary, responses, rewrap
 from router.v1 import inference_service_pb2
 
 _INFERENCE = "/router.v1.InferenceService/"
@@ -303,7 +303,7 @@ class AuthInterceptor(_ServerInterceptor):
             ) -> AsyncIterator[Any]:
                 principal = admit(request)
                 if principal.tokens is None:
-                    async for response in behavior(request, context):
+                    async for response in responses(behavior, request, context):
                         yield response
                     return
                 charge = TokenCharge(principal.tokens)
@@ -311,7 +311,7 @@ class AuthInterceptor(_ServerInterceptor):
                 # (see router.interceptors._EarlyEnd), so the call's end settles the charge too.
                 context.add_done_callback(lambda _: charge.settle())  # type: ignore[arg-type]
                 try:
-                    async for response in behavior(request, context):
+                    async for response in responses(behavior, request, context):
                         charge.count(response)
                         yield response
                 finally:
@@ -324,7 +324,7 @@ class AuthInterceptor(_ServerInterceptor):
                 requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 _current.set(self._auth.authorize(method, metadata))
-                async for response in behavior(requests, context):
+                async for response in responses(behavior, requests, context):
                     yield response
 
             return guarded

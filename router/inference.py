@@ -192,6 +192,8 @@ def parse_body(body: str) -> dict[str, Any]:
         parsed = json.loads(body)
     except json.JSONDecodeError as error:
         raise InvalidRequest(f"body is not valid JSON: {error.msg}") from None
+    except RecursionError:  # json's recursive decoder on e.g. "[" * 100000
+        raise InvalidRequest("body is nested too deeply") from None
     if not isinstance(parsed, dict):
         raise InvalidRequest("body must be a JSON object")
     stream = parsed.get("stream", False)

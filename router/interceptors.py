@@ -8,6 +8,7 @@ ended early (``router.auth.AuthInterceptor`` is the third user of ``rewrap``).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -65,12 +66,24 @@ def _wrap_unary(behavior: Unary) -> Unary:
     return wrapped
 
 
+async def responses(behavior: Any, request: Any, context: _Context) -> AsyncIterator[Any]:
+    """What a streaming behavior sends, whichever way it is written: an async generator
+    yields its responses; a coroutine (grpc's own HealthServicer.Watch) writes them itself
+    with ``context.write`` and yields nothing here."""
+    result = behavior(request, context)
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for response in result:
+        yield response
+
+
 def _wrap_stream(behavior: Stream) -> Stream:
     async def wrapped(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request, context):
+            async for response in responses(behavior, request, context):
                 yield response
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
@@ -207,7 +220,7 @@ def _ending_early_stream(behavior: Stream) -> Stream:
     async def wrapped(request: Any, context: _Context) -> AsyncIterator[Any]:
         early_end = _EarlyEnd(context)
         try:
-            async for response in behavior(request, context):
+            async for response in responses(behavior, request, context):
                 yield response
         except asyncio.CancelledError:
             early_end.mark()

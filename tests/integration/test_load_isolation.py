@@ -258,12 +258,6 @@ async def test_sigterm_is_graceful(tmp_path: Path, tiny_chat: Path) -> None:
         assert await asyncio.to_thread(process.wait, GRACE + 5) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpc.health.v1 Watch ends with INTERNAL: router/interceptors.py _wrap_stream runs "
-    "`async for` over every server-streaming behavior, but grpc's aio HealthServicer.Watch is a "
-    "coroutine that writes with context.write()",
-)
 async def test_health_watch_reports_not_serving_on_sigterm(tmp_path: Path, tiny_chat: Path) -> None:
     port = free_port()
     with router_process(streaming_chat(tmp_path, tiny_chat, port), port) as process:

@@ -231,6 +231,8 @@ async def test_bad_requests_are_invalid_argument(
             await collect(client, "chat", "{not json")
         with pytest.raises(InvalidRequestError):
             await collect(client, "chat", "[1, 2]")
+        with pytest.raises(InvalidRequestError, match="nested too deeply"):
+            await collect(client, "chat", "[" * 100_000)  # beyond json's recursion limit
         with pytest.raises(WrongModelKindError):
             await collect(client, "embed", PROMPT)
         with pytest.raises(WrongModelKindError):
