@@ -256,12 +256,3 @@ class Router:
         self._metrics_site = runner
         self.metrics_port = runner.addresses[0][1]
         _LOGGER.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
-
-
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    router = Router(settings)
-    try:
-        await router.start()
-        await stop.wait()
-    finally:
-        await router.stop()
