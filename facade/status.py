@@ -306,7 +306,8 @@ def _seed_full_status(status: model_control_service_pb2.FullStatus) -> dict[str,
         "summary": {
             "total": status.summary.total,
             "by_status": by_status,
-            "by_state": dict(status.summary.by_state),
+            # A proto map has no order: sorted, so equal states render the same bytes.
+            "by_state": dict(sorted(status.summary.by_state.items())),
         },
     }
 

@@ -335,7 +335,7 @@ SEED_FULL_STATUS = {
     "summary": {
         "total": 2,
         "by_status": {"off": 1, "ready": 1},
-        "by_state": {"stopped": 1, "ready": 1},
+        "by_state": {"ready": 1, "stopped": 1},
     },
 }
 SEED_MODEL_UPDATE = {
