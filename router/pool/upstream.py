@@ -1,4 +1,4 @@
-"""HTTP to one llama-server child: streamed SSE, plain JSON calls, health probes.
+"""HTTP to one llama-server child: streamed SSE and plain JSON calls.
 
 A stream is read in batches (``EventReader``): each batch is every event that
 arrived since the last one, so when the router falls behind, or holds a stream
@@ -14,7 +14,7 @@ import time
 
 import aiohttp
 
-from router.pool.process import CLOSE, health_status
+from router.pool.process import CLOSE
 
 
 class UpstreamHTTPError(Exception):
@@ -172,6 +172,3 @@ class Upstream:
         if response.status != 200:
             raise UpstreamHTTPError(response.status, payload)
         return payload
-
-    async def healthy(self, timeout: float) -> bool:
-        return await health_status(self._session, self._base + "/health", timeout) == 200

@@ -10,10 +10,13 @@ facade processes themselves, not their children.
 On a shared machine, a run during which other processes used the CPU is measured again (see
 FOREIGN_CORES_LIMIT); the report says how often that happened and the load average.
 
-With `--tracing`, a second router + facade pair exports every span over OTLP/gRPC to a
-receiver in this process (target (d)), so the cost of tracing shows next to (c).
+A second router + facade pair, target (d), measures a variant next to (c), interleaved with
+it: `--tracing` exports every span over OTLP/gRPC to a receiver in this process (the cost of
+tracing); `--compare JSON` merges JSON into the pair's config (e.g. another
+`system.stream_pacing_ms`).
 
-Usage: `python -m tests.bench [--rounds N] [--workloads i,ii,iii,iv] [--tracing] [--out PATH]`.
+Usage: `python -m tests.bench [--rounds N] [--workloads i,ii,iii,iv] [--out PATH]
+[--tracing | --compare JSON]`.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ TARGET_NAMES = {
     "a": "llama-server",
     "b": "router gRPC",
     "c": "router+facade",
-    "d": "(c) + tracing",
+    "d": "(c) variant",
 }
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # The machine may be shared: a run during which processes other than the bench's used more
@@ -335,6 +338,7 @@ class Bench:
     workdir: Path
     procs: Processes
     tracing: bool = False
+    compare: dict[str, Any] | None = None  # config merged into the (d) pair
     direct_argv: list[str] = field(default_factory=list)
     direct_port: int = 0
     key: str = ""
@@ -348,12 +352,14 @@ class Bench:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return ("a", "b", "c", "d") if self.tracing else ("a", "b", "c")
+        return ("a", "b", "c", "d") if "d" in self.stacks else ("a", "b", "c")
 
     def _stack_for(self, target: str) -> Stack:
         return self.stacks["d" if target == "d" else "c"]
 
-    def _write_config(self, name: str, otlp_endpoint: str | None = None) -> tuple[Path, int, int]:
+    def _write_config(
+        self, name: str, overrides: dict[str, Any] | None = None
+    ) -> tuple[Path, int, int]:
         model = ensure_model(CACHE / "models", MODEL, variant="chat")
         grpc_port, http_port = free_port(), free_port()
         config: dict[str, Any] = {
@@ -369,14 +375,14 @@ class Bench:
             },
             "models": {MODEL: {"model_path": str(model), "params": {"n_ctx": 8192}}},
         }
-        if otlp_endpoint is not None:
-            config["telemetry"] = {"otlp_endpoint": otlp_endpoint}
+        for section, values in (overrides or {}).items():
+            config[section] = {**config.get(section, {}), **values}
         config_path = self.workdir / f"config-{name}.json"
         config_path.write_text(json.dumps(config, indent=2))
         return config_path, grpc_port, http_port
 
-    def _start_stack(self, name: str, otlp_endpoint: str | None = None) -> Stack:
-        config_path, grpc_port, http_port = self._write_config(name, otlp_endpoint)
+    def _start_stack(self, name: str, overrides: dict[str, Any] | None = None) -> Stack:
+        config_path, grpc_port, http_port = self._write_config(name, overrides)
         config = ["-c", str(config_path)]
         router = self.procs.start(f"router-{name}", [PYTHON, "-m", "router", *config])
         facade = self.procs.start(f"facade-{name}", [PYTHON, "-m", "facade", *config])
@@ -399,7 +405,10 @@ class Bench:
         self.stacks["c"] = self._start_stack("plain")
         if self.tracing:
             self.sink = SpanSink()
-            self.stacks["d"] = self._start_stack("traced", f"http://127.0.0.1:{self.sink.port}")
+            traced = {"telemetry": {"otlp_endpoint": f"http://127.0.0.1:{self.sink.port}"}}
+            self.stacks["d"] = self._start_stack("traced", traced)
+        elif self.compare is not None:
+            self.stacks["d"] = self._start_stack("variant", self.compare)
         wait_http(f"http://127.0.0.1:{self.direct_port}/health", direct)
         for stack in self.stacks.values():
             wait_http(f"http://127.0.0.1:{stack.http_port}/health", stack.facade)
@@ -551,7 +560,7 @@ class Bench:
                 self.record(COLD.key, target, self.cold(target))
             # The cold requests reloaded the models: warm the fresh children before the next round.
             self._measure_once("b", WARM_UP)
-            if self.tracing:
+            if "d" in self.stacks:
                 self._measure_once("d", WARM_UP)
         print(f"round {number}/{rounds} done in {time.monotonic() - started:.1f} s", flush=True)
 
@@ -654,6 +663,8 @@ def render(report: dict[str, Any]) -> str:
         f"{meta['foreign_retries']} (and {meta['quiet_wait_s']:.0f} s spent waiting for them); "
         f"most foreign CPU in a kept run: {meta['max_foreign_cores']:.2f} cores"
     )
+    if meta.get("compare") is not None:
+        lines.append(f"(d) is (c) with {json.dumps(meta['compare'])}")
     if meta.get("otlp_exports") is not None:
         lines.append(
             f"(d) exported {meta['otlp_exports']} OTLP batches "
@@ -694,6 +705,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tracing", action="store_true", help="also (d): router+facade exporting every span"
     )
+    parser.add_argument(
+        "--compare",
+        type=json.loads,
+        metavar="JSON",
+        help='also (d): router+facade with this merged into its config, e.g. \'{"system": '
+        '{"stream_pacing_ms": 4}}\'',
+    )
     keys = [w.key for w in (*WORKLOADS, COLD)]
     parser.add_argument(
         "--workloads",
@@ -706,6 +724,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--workloads takes {','.join(keys)}")
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (medians of >= 3)")
+    if args.tracing and args.compare is not None:
+        parser.error("--tracing and --compare both use target (d): choose one")
+    if args.compare is not None and not all(isinstance(v, dict) for v in args.compare.values()):
+        parser.error('--compare takes {"section": {"key": value}, ...}')
     args.out.parent.mkdir(parents=True, exist_ok=True)
     logs = args.out.parent / "logs"
     logs.mkdir(exist_ok=True)
@@ -714,7 +736,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average before: {load_before}", flush=True)
     with workspace() as workdir:
         procs = Processes(logs)
-        bench = Bench(workdir, procs, tracing=args.tracing)
+        bench = Bench(workdir, procs, tracing=args.tracing, compare=args.compare)
         # A SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so every process started is stopped.
         signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
@@ -740,6 +762,7 @@ def main(argv: list[str] | None = None) -> None:
         "llama_server_argv": bench.direct_argv[3:],
         "foreign_retries": bench.retries,
         "quiet_wait_s": bench.quiet_wait,
+        "compare": args.compare,
         "otlp_exports": None if bench.sink is None else bench.sink.exports,
         "otlp_bytes": None if bench.sink is None else bench.sink.bytes,
         "max_foreign_cores": max(
