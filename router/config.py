@@ -345,6 +345,7 @@ class SystemConfig(_ConfigModel):
     state_dir: Path | None = None
     failure_threshold: Int = Field(3, ge=1, le=100)
     failure_cooldown_sec: Float = Field(30.0, gt=0, le=86400)
+    stable_after_sec: Float = Field(60.0, gt=0, le=86400)
     aging_dispatches: Int = Field(8, ge=1, le=1000)
     probe_interval_sec: Float = Field(10.0, gt=0)
     probe_timeout_sec: Float = Field(2.0, gt=0)

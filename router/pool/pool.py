@@ -188,6 +188,7 @@ class Pool:
             load_max_retries=system.model_load_max_retries,
             failure_threshold=system.failure_threshold,
             failure_cooldown_sec=system.failure_cooldown_sec,
+            stable_after_sec=system.stable_after_sec,
             allowed_devices=allowed,
             on_gpu=not self.inventory.cpu_mode,
             vram_multiplier=system.vram_multiplier,

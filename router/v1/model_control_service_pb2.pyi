@@ -220,7 +220,7 @@ class UnloadModelRequest(_message.Message):
     force: _builtins.bool
     """force stops at once, failing in-flight and queued requests with UNAVAILABLE."""
     drain_timeout_sec: _builtins.float
-    """drain_timeout_sec bounds the wait for in-flight requests; 0 means 30 s. After it, the stop is forced."""
+    """drain_timeout_sec bounds the wait for in-flight requests; 0 means system.drain_timeout_sec. After it, the stop is forced."""
     def __init__(
         self,
         *,
