@@ -477,7 +477,8 @@ class Engine:
     ) -> EmbedResult:
         started = time.monotonic()
         supervisor = self._pool.get(model)
-        with self._observed(RequestOutcome(model, EMBEDDINGS, started)) as outcome:
+        outcome = RequestOutcome(model, EMBEDDINGS, started, priority.name.lower())
+        with self._observed(outcome):
             self._check_kind(supervisor, ModelKind.EMBEDDING)
             if not inputs:
                 raise InvalidRequest("at least one input is required")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -49,7 +49,7 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
         hub: StatusHub,
         server: Callable[[], ServerSnapshot],
         resources: Callable[[str], ResourceReport],
-        summary: Callable[[], Summary],
+        summary: Callable[[Collection[str]], Summary],
         heartbeat_sec: float,
     ) -> None:
         self._summary = summary
@@ -220,14 +220,11 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
     async def GetTelemetrySummary(
         self, request: mpb.GetTelemetrySummaryRequest, context: Context
     ) -> mpb.GetTelemetrySummaryResponse:
-        summary = self._summary()
+        summary = self._summary({s.alias for s in self._supervisors()})
         return mpb.GetTelemetrySummaryResponse(
             window_sec=summary.window_sec,
             total=_stats_to_pb(summary.total),
-            per_model={
-                alias: _stats_to_pb(summary.per_model[alias])
-                for alias in visible(summary.per_model)
-            },
+            per_model={alias: _stats_to_pb(stats) for alias, stats in summary.per_model.items()},
         )
 
     async def GetModelLogs(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from router.telemetry.metrics import status_class
@@ -105,18 +105,23 @@ class RollingSummary:
             )
         )
 
-    def summary(self) -> Summary:
+    def summary(self, models: Collection[str] | None = None) -> Summary:
+        """The window's figures, over ``models`` only when given (a key's allow-list: its
+        totals must not count models it may not see)."""
         now = time.monotonic()
         while self._entries and self._entries[0].at < now - self._window:
             self._entries.popleft()
         # A router younger than the window has only been counting for its age.
         window = min(self._window, max(now - self._started, 1e-9))
         entries = list(self._entries)
+        aliases = self._aliases
+        if models is not None:
+            entries = [e for e in entries if e.model in models]
+            aliases = [a for a in aliases if a in models]
         return Summary(
             window_sec=self._window,
             total=_stats(entries, window),
             per_model={
-                alias: _stats((e for e in entries if e.model == alias), window)
-                for alias in self._aliases
+                alias: _stats((e for e in entries if e.model == alias), window) for alias in aliases
             },
         )
