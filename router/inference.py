@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
@@ -40,6 +41,7 @@ from router.scheduler.queue import Priority
 from router.telemetry.records import OutcomeObserver, RequestOutcome
 from router.v1 import errors_pb2
 
+_LOGGER = logging.getLogger(__name__)
 CHAT = "chat"
 COMPLETION = "completion"
 EMBEDDINGS = "embeddings"
@@ -358,6 +360,8 @@ class Engine:
             for observer in self._observers:
                 observer.record(outcome)
             _annotate_span(outcome)
+            if _LOGGER.isEnabledFor(logging.DEBUG):  # a line per request only when asked
+                _log_outcome(outcome)
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateEvent]:
         started = time.monotonic()
@@ -507,6 +511,23 @@ class Engine:
                 return result
             finally:
                 ticket.close()
+
+
+def _log_outcome(outcome: RequestOutcome) -> None:
+    status = "ok" if outcome.code is None else outcome.code.name
+    _LOGGER.debug(
+        "%s %s: %s%s in %.1f ms (queue %.1f ms, load %.1f ms, ttft %.1f ms, tokens %d in / %d out)",
+        outcome.endpoint,
+        outcome.model,
+        status,
+        f" ({outcome.reason})" if outcome.reason else "",
+        outcome.duration * 1000,
+        outcome.queue_wait * 1000,
+        outcome.load_wait * 1000,
+        outcome.ttft * 1000,
+        outcome.prompt_tokens,
+        outcome.completion_tokens,
+    )
 
 
 def _annotate_span(outcome: RequestOutcome) -> None:

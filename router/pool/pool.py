@@ -22,6 +22,7 @@ import aiohttp
 
 from router.config import ModelConfig, Settings
 from router.errors import DeadlineExceeded, ModelNotFound, Unavailable
+from router.logs import detached_task
 from router.pool.command import EMBEDDED_SERVER, LaunchSpec
 from router.pool.health import LivenessMonitor
 from router.pool.registry import ChildRegistry
@@ -216,7 +217,7 @@ class Pool:
 
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
         """Run ``coro`` in the background until shutdown; an error it ends with is logged."""
-        task = asyncio.create_task(coro, name=name)
+        task = detached_task(coro, name)
         self._background.add(task)
         task.add_done_callback(self._background_done)
 

@@ -29,6 +29,7 @@ from router.errors import (
     RouterError,
     Unavailable,
 )
+from router.logs import detached_task
 from router.pool.command import LaunchSpec, build_command, with_death_signal
 from router.pool.failures import (
     LOAD_TIMED_OUT,
@@ -283,7 +284,7 @@ class Supervisor:
     def _background(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         """Run ``coro`` as a task that is referenced until done and whose error is logged
         (an unreferenced task may be collected mid-run, and its exception is lost)."""
-        task = asyncio.create_task(coro, name=f"{what}:{self.alias}")
+        task = detached_task(coro, f"{what}:{self.alias}")
         self._tasks.add(task)
         task.add_done_callback(self._background_done)
 
@@ -355,7 +356,7 @@ class Supervisor:
             if self.queue.waiting == 0 and not self._explicit_load:
                 return None
             self._half_open = self.state is S.FAILED
-            self._load_task = asyncio.create_task(self._load(), name=f"load:{self.alias}")
+            self._load_task = detached_task(self._load(), f"load:{self.alias}")
             self._load_task.add_done_callback(self._load_finished)
         return self._load_task
 
@@ -714,7 +715,7 @@ class Supervisor:
             self._cancel_idle_timer()
             if self.state is S.READY:
                 self._transition(S.DRAINING)
-            self._stopping = asyncio.create_task(self._do_stop(drain, error))
+            self._stopping = detached_task(self._do_stop(drain, error), f"stop:{self.alias}")
         try:
             await asyncio.shield(self._stopping)
         finally:

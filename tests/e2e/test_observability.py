@@ -195,8 +195,7 @@ def test_a_streamed_chat_is_one_trace_from_facade_to_llama_server(observed: Obse
                 return {role: spans[0] for role, spans in found.items()}
         return None
 
-    # One trace holds all four (the request also started the model: the load's readiness
-    # probes are in it too).
+    # One trace holds all four (the load the request started is shared work, in no trace).
     trace = observed.receiver.wait_for(complete_trace)
 
     facade_server, facade_client = trace["facade server"], trace["facade client"]
