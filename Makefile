@@ -49,9 +49,12 @@ check-protos: $(STAMP)
 	$(PY) -m router.codegen --check
 
 ## bench: (a) llama-server alone vs (b) the router vs (c) router + facade on the tiny model;
-## prints one table and writes bench-results/bench.json. BENCH_ARGS="--rounds 7" etc.
+## prints one table and writes bench-results/bench.json. BENCH_ARGS="--rounds 7", "--tracing"
+## or "--compare '{...}'" (a variant as (d)). Then scheduling: swap time, queue waits by
+## priority in a burst, two models taking turns (bench-results/scheduling.json).
 bench: $(STAMP)
 	$(PY) -m tests.bench $(BENCH_ARGS)
+	$(PY) -m tests.bench.scheduling
 
 ## soak: the 5-minute soak (tests/soak); -s shows its ledger.
 soak: $(STAMP)
