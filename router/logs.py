@@ -6,26 +6,13 @@ line logged while serving it carries the id (and the trace id when tracing is on
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import json
 import logging
 import sys
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
 
-T = TypeVar("T")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
-
-
-def detached_task(coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
-    """A task that belongs to no request: it starts from an empty context.
-
-    ``asyncio.create_task`` copies the caller's context, so a model load started by a
-    request would log that request's id, and join its trace, for as long as the child lives.
-    """
-    return contextvars.Context().run(asyncio.create_task, coro, name=name)
 
 
 def _trace_id() -> str:

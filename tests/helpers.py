@@ -19,6 +19,7 @@ import grpc
 
 from clients import RouterClient
 from router.config import Settings, load_settings
+from router.resources.devices import Inventory
 from router.server import Router
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,9 +98,11 @@ def fake_server(directory: Path, *knobs: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_router(settings: Settings) -> AsyncIterator[tuple[Router, RouterClient]]:
+async def running_router(
+    settings: Settings, inventory: Inventory | None = None
+) -> AsyncIterator[tuple[Router, RouterClient]]:
     """A real router (real gRPC socket, real children) inside the test's event loop."""
-    router = Router(settings)
+    router = Router(settings, inventory=inventory)
     port = await router.start()
     client = RouterClient(f"127.0.0.1:{port}")
     try:

@@ -22,7 +22,6 @@ import aiohttp
 
 from router.config import ModelConfig, Settings
 from router.errors import DeadlineExceeded, ModelNotFound, Unavailable
-from router.logs import detached_task
 from router.pool.command import EMBEDDED_SERVER, LaunchSpec
 from router.pool.health import LivenessMonitor
 from router.pool.registry import ChildRegistry
@@ -41,6 +40,7 @@ from router.scheduler.policy import (
     Wait,
     plan_admission,
 )
+from router.tasks import BackgroundTasks
 from router.v1 import errors_pb2
 
 _LOGGER = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class Pool:
         self._load_turns: dict[str, asyncio.Semaphore] = {}
         self._room_changed: asyncio.Future[None] | None = None
         self._pending: list[Supervisor] = []  # loads waiting for room, oldest first
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
         system = settings.system
         self.liveness = LivenessMonitor(
             self.supervisors,
@@ -217,19 +217,10 @@ class Pool:
 
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
         """Run ``coro`` in the background until shutdown; an error it ends with is logged."""
-        task = detached_task(coro, name)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            _LOGGER.error("background task %s failed", task.get_name(), exc_info=task.exception())
+        self._background.spawn(coro, name)
 
     async def shutdown(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.cancel_all()
         await asyncio.gather(
             *(sup.shutdown() for sup in self._supervisors.values()), return_exceptions=True
         )

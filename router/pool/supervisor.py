@@ -29,7 +29,6 @@ from router.errors import (
     RouterError,
     Unavailable,
 )
-from router.logs import detached_task
 from router.pool.command import LaunchSpec, build_command, with_death_signal
 from router.pool.failures import (
     LOAD_TIMED_OUT,
@@ -47,6 +46,7 @@ from router.pool.ticket import Lease, Ticket, as_router_error
 from router.pool.upstream import Upstream
 from router.resources.estimate import MemoryEstimate, estimate_memory, read_gguf
 from router.scheduler.queue import Priority, SlotQueue
+from router.tasks import BackgroundTasks, detached_task
 from router.v1 import errors_pb2
 
 _LOGGER = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Supervisor:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._stable_timer: asyncio.TimerHandle | None = None
         self._stopping: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget work, kept referenced
+        self._tasks = BackgroundTasks()
         self.device = ""
         self.created_at = 0.0  # the model file's mtime, set by the pool at start
         self.estimate: MemoryEstimate | None = None
@@ -282,16 +282,7 @@ class Supervisor:
         self._ctx.publish(self.snapshot())
 
     def _background(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
-        """Run ``coro`` as a task that is referenced until done and whose error is logged
-        (an unreferenced task may be collected mid-run, and its exception is lost)."""
-        task = detached_task(coro, f"{what}:{self.alias}")
-        self._tasks.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            _LOGGER.error("%s failed", task.get_name(), exc_info=task.exception())
+        self._tasks.spawn(coro, f"{what}:{self.alias}")
 
     # ---- requests ------------------------------------------------------------
 

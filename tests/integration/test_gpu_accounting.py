@@ -7,19 +7,15 @@ stub stands in for the driver only: the router, its pool and children are real.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from clients import RouterClient
 from router.config import Settings
 from router.pool.pool import held_mib
 from router.resources.devices import DeviceInfo
 from router.scheduler.policy import Admit, Wait
-from router.server import Router
-from tests.helpers import chat_model, fake_server, settings_for, wait_until
+from tests.helpers import chat_model, fake_server, running_router, settings_for, wait_until
 
 FOREIGN_MIB = 1024  # another process on the GPU
 MODEL_MIB = 3072
@@ -41,18 +37,6 @@ class StubGpu:
         return self.per_pid.get(pid)
 
 
-@contextlib.asynccontextmanager
-async def router_on(settings: Settings, gpu: StubGpu) -> AsyncIterator[tuple[Router, RouterClient]]:
-    router = Router(settings, inventory=gpu)
-    port = await router.start()
-    client = RouterClient(f"127.0.0.1:{port}")
-    try:
-        yield router, client
-    finally:
-        await client.close()
-        await router.stop()
-
-
 def two_models(tmp_path: Path, tiny_chat: Path, *knobs: str) -> Settings:
     model = {**chat_model(tiny_chat), "memory_mib": MODEL_MIB}
     return settings_for(
@@ -68,7 +52,7 @@ async def test_a_loaded_model_nvml_cannot_attribute_is_not_counted_twice(
     """8 GiB: 1 GiB foreign + a (3 GiB) leaves room for b (3 GiB). With a's usage counted
     both as someone else's and as its reservation, b used to evict a."""
     gpu = StubGpu()
-    async with router_on(two_models(tmp_path, tiny_chat), gpu) as (router, client):
+    async with running_router(two_models(tmp_path, tiny_chat), gpu) as (router, client):
         await client.load("a")
         gpu.used_mib = FOREIGN_MIB + MODEL_MIB  # what the driver now reports
         await client.load("b")
@@ -81,7 +65,7 @@ async def test_a_loading_model_counts_what_nvml_sees_it_hold(
 ) -> None:
     gpu = StubGpu()
     settings = two_models(tmp_path, tiny_chat, "--load-delay 30")
-    async with router_on(settings, gpu) as (router, client):
+    async with running_router(settings, gpu) as (router, client):
         await client.load("a", wait=False)
         a, b = router.pool.get("a"), router.pool.get("b")
         await wait_until(lambda: a.child is not None and b.memory_estimate_mib == MODEL_MIB, 5)
