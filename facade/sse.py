@@ -199,8 +199,7 @@ class EventStream:
         self._registry.discard(self)
         if self._pinger is not None:
             self._pinger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pinger
+            await asyncio.wait({self._pinger})  # lets a cancellation of this task through
         if exc is None:
             if not self._closed:
                 await self.close()

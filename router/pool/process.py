@@ -210,8 +210,12 @@ class ChildProcess:
             if not done:
                 _LOGGER.warning("%s: pid %d ignored SIGTERM, killing", self._name, self.pid)
                 self._signal_group(signal.SIGKILL)
-        returncode = await asyncio.shield(self.exited)
-        await self._drain_task
+        # The process itself, not `exited`: the reap task may have been cancelled (an event
+        # loop closing cancels every task), and then `exited` would never resolve.
+        returncode = await self._process.wait()
+        if not self.exited.done():
+            self.exited.set_result(returncode)
+        await asyncio.wait({self._drain_task})
         return returncode
 
     def kill(self) -> None:

@@ -668,8 +668,9 @@ class Supervisor:
         cancelled_load = task is not None and not task.done()
         if task is not None and cancelled_load:
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            # Wait for it to unwind without taking on its outcome; unlike a suppress() around
+            # `await task`, this lets a cancellation of this caller through.
+            await asyncio.wait({task})
         if self.state not in (S.READY, S.DRAINING):
             if self._stopping is not None:
                 await asyncio.shield(self._stopping)
@@ -784,8 +785,7 @@ class Supervisor:
         task = self._load_task
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await asyncio.wait({task})
         if self.state in LIVE_STATES:
             await self._stop(
                 drain=0.0,

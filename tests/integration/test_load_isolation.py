@@ -135,6 +135,9 @@ async def test_cancelled_loads_leave_the_other_model_loadable_and_serving(
         # A Generate whose deadline expires while the model loads.
         with pytest.raises(DeadlineExceededError):
             await collect(client, "stuck", {**PROMPT, "max_tokens": 4}, timeout=0.5)
+        # The router sees that call end a moment later (a busy machine: much later); until
+        # then the queued waiter counted below could be that one, not the next.
+        await wait_until(lambda: stuck.queue.waiting == 0, 5)
         # A waiter still queued when the load is cancelled by an unload.
         waiter = asyncio.create_task(collect(client, "stuck", {**PROMPT, "max_tokens": 4}))
         await wait_until(lambda: stuck.queue.waiting == 1, 5)
