@@ -200,15 +200,16 @@ def wait_for_grpc(
     raise AssertionError(f"router not serving on {port} within {timeout} s")
 
 
-def established_connections(port: int) -> int:
-    """Established TCP connections whose local port is ``port`` (the server side)."""
+def established_connections(port: int, *, side: str = "server") -> int:
+    """Established TCP connections on ``port``: accepted by its server (``side="server"``),
+    or opened to it by clients (``side="client"``)."""
+    column = 1 if side == "server" else 2  # local or remote address
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as handle:
             next(handle)
             for line in handle:
                 fields = line.split()
-                local_port = int(fields[1].rsplit(":", 1)[1], 16)
-                if local_port == port and fields[3] == "01":  # 01 = ESTABLISHED
-                    count += 1
+                if int(fields[column].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    count += 1  # 01 = ESTABLISHED
     return count

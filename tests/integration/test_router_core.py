@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import signal
@@ -51,7 +52,12 @@ async def test_generate_streams_chunks_then_end_with_usage(tmp_path: Path, tiny_
     assert end.finish_reason == "length"
     assert end.usage.completion_tokens == 16
     assert end.usage.prompt_tokens > 0
-    assert len(chunks) >= 2
+    # Every upstream chunk arrives verbatim: one per token, plus the role and the finish
+    # chunks. How many messages carry them depends on how fast they were read (a busy
+    # machine may read them all at once); that streaming is real is the next test's job.
+    data = [json.loads(item) for c in chunks for item in c.data]
+    assert len(data) >= 16 + 2
+    assert all(item["object"] == "chat.completion.chunk" for item in data)
     text = "".join(c.text for c in chunks)
     assert text.strip() and text.isascii()
 
@@ -96,7 +102,11 @@ async def test_concurrency_is_capped_at_the_slots(tmp_path: Path, tiny_chat: Pat
         async def sample() -> None:
             nonlocal peak_upstream, peak_queued
             while not done.is_set():
-                peak_upstream = max(peak_upstream, established_connections(child.port))
+                # The router's side: a finished stream's socket leaves ESTABLISHED when the
+                # router closes it, while llama-server's side lingers until its HTTP thread
+                # gets the CPU to close it (seen as a third socket on a busy machine).
+                open_now = established_connections(child.port, side="client")
+                peak_upstream = max(peak_upstream, open_now)
                 peak_queued = max(peak_queued, router.pool.get("chat").queue.waiting)
                 await asyncio.sleep(0.002)
 
