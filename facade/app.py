@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from opentelemetry import trace
 
-from clients import RouterClient, map_rpc_errors
+from clients import RouterClient
 from facade import bridge, openai, openapi, status
-from facade.context import call_metadata, request_id
+from facade.context import check_monitor_scope, request_id
 from facade.cors import setup_cors
 from facade.errors import error_middleware
 from facade.health import health
@@ -19,7 +19,6 @@ from facade.sse import StreamRegistry
 from facade.telemetry import client_interceptors, observing_middlewares
 from facade.tls import channel_credentials
 from router.config import GrpcConfig, Settings
-from router.v1 import model_control_service_pb2
 
 __all__ = ["create_app", "router_metrics_url", "router_target"]
 
@@ -142,11 +141,5 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
 
 
 async def _monitor_key(request: web.Request) -> None:
-    """Raise unless the caller's key may read metrics. The router decides, as for every key:
-    a cheap monitor-scope call made with that key answers 401/403 or passes."""
-    with map_rpc_errors():
-        await request.app[CLIENT].control.GetQueueStats(
-            model_control_service_pb2.GetQueueStatsRequest(),
-            metadata=call_metadata(request),
-            timeout=2.0,
-        )
+    """Raise unless the caller's key may read metrics."""
+    await check_monitor_scope(request, timeout=2.0)

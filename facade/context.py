@@ -7,11 +7,12 @@ from typing import Final
 
 from aiohttp import web
 
-from clients import Priority
+from clients import Priority, map_rpc_errors
 from facade.errors import ApiError
-from facade.keys import REQUEST_ID, SETTINGS
+from facade.keys import CLIENT, REQUEST_ID, SETTINGS
+from router.v1 import model_control_service_pb2
 
-__all__ = ["call_metadata", "priority", "read_body", "request_id"]
+__all__ = ["call_metadata", "check_monitor_scope", "priority", "read_body", "request_id"]
 
 _MAX_REQUEST_ID = 128
 _PRIORITIES: Final[dict[str, Priority]] = {"high": "high", "normal": "normal", "low": "low"}
@@ -74,3 +75,15 @@ async def read_body(request: web.Request) -> str:
         return raw.decode()
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not valid UTF-8") from None
+
+
+async def check_monitor_scope(request: web.Request, timeout: float) -> None:
+    """Raise unless the caller's key has the monitor scope. The router decides, as for every
+    key: a cheap monitor-scope call (GetQueueStats) made with that key answers 401/403 or
+    passes."""
+    with map_rpc_errors():
+        await request.app[CLIENT].control.GetQueueStats(
+            model_control_service_pb2.GetQueueStatsRequest(),
+            metadata=call_metadata(request),
+            timeout=timeout,
+        )

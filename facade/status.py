@@ -45,7 +45,7 @@ from google.protobuf.message import Message
 
 from clients import AuthenticationError, PermissionDeniedError, RouterError, map_rpc_errors
 from facade.bridge import FrameRenderer, message_json, stream_frame
-from facade.context import call_metadata
+from facade.context import call_metadata, check_monitor_scope
 from facade.errors import ApiError, from_router_error
 from facade.keys import CLIENT, SETTINGS, STREAMS
 from facade.sse import bridge_error_frame, event_frame
@@ -67,9 +67,6 @@ _RPC_TIMEOUT_SEC = 1.5
 STREAM_ROUTE: Final = "/metrics/stream"
 FILE_ROUTE: Final = "/v1/models/status/file"
 SEED_STREAM_ROUTE: Final = "/v1/models/status/stream"
-_STATE_PREFIX = "MODEL_STATE_"
-_SERVER_STATE_PREFIX = "SERVER_STATE_"
-_KIND_PREFIX = "MODEL_KIND_"
 _T = TypeVar("_T")
 
 
@@ -153,7 +150,7 @@ def _document(
     return {
         "timestamp": _now(),
         "server": {
-            "status": _name(model_pb2.ServerState.Name(server.state), _SERVER_STATE_PREFIX),
+            "status": _word(model_pb2.ServerState, server.state),
             "version": server.version,
             "epoch": server.epoch,
             "cpu_mode": server.cpu_mode,
@@ -172,8 +169,8 @@ def _model(
     figures = message_json(stats or model_control_service_pb2.TelemetryStats())
     return {
         "alias": model.alias,
-        "status": _name(model_pb2.ModelState.Name(model.state), _STATE_PREFIX),
-        "kind": _name(model_pb2.ModelKind.Name(model.kind), _KIND_PREFIX),
+        "status": _word(model_pb2.ModelState, model.state),
+        "kind": _word(model_pb2.ModelKind, model.kind),
         "port": model.port,
         "device": model.device,
         "slots": model.slots,
@@ -184,8 +181,11 @@ def _model(
     }
 
 
-def _name(enum_name: str, prefix: str) -> str:
-    return enum_name.removeprefix(prefix).lower()
+def _word(enum: Any, value: int) -> str:
+    """An enum value as a lower-case word without its prefix: MODEL_STATE_READY → "ready".
+    The prefix is the zero value's name minus "UNSPECIFIED" (every router.v1 enum has one)."""
+    prefix = enum.Name(0).removesuffix("UNSPECIFIED")
+    return str(enum.Name(value)).removeprefix(prefix).lower()
 
 
 async def status_file(request: web.Request) -> web.Response:
@@ -197,12 +197,7 @@ async def status_file(request: web.Request) -> web.Response:
     if settings.auth.api_keys:
         # The file lists every alias and its child's port, whatever models a key may use:
         # monitor-scope information, checked by the router on a monitor-scope call.
-        with map_rpc_errors():
-            await request.app[CLIENT].control.GetQueueStats(
-                model_control_service_pb2.GetQueueStatsRequest(),
-                metadata=call_metadata(request),
-                timeout=_RPC_TIMEOUT_SEC,
-            )
+        await check_monitor_scope(request, _RPC_TIMEOUT_SEC)
     try:
         body = await asyncio.to_thread(path.read_bytes)
     except FileNotFoundError:
@@ -235,7 +230,6 @@ _LOAD_PROGRESS: Final = {
     model_pb2.MODEL_STATE_LOADING: 0,
     model_pb2.MODEL_STATE_READY: 100,
 }
-_LOAD_STAGE_PREFIX = "LOAD_STAGE_"
 
 
 def _iso(timestamp: timestamp_pb2.Timestamp, present: bool) -> str | None:
@@ -255,7 +249,7 @@ def _seed_server(server: model_pb2.ServerStatus) -> dict[str, Any]:
         "started_at": _when(server, "started_at"),
         "updated_at": _when(server, "updated_at"),
         # Ours, after the seed's fields.
-        "state": _name(model_pb2.ServerState.Name(server.state), _SERVER_STATE_PREFIX),
+        "state": _word(model_pb2.ServerState, server.state),
         "version": server.version,
         "epoch": server.epoch,
         "cpu_mode": server.cpu_mode,
@@ -275,9 +269,9 @@ def _seed_model(model: model_pb2.Model) -> dict[str, Any]:
         "vram_used_mb": model.memory_measured_mib or model.memory_estimate_mib or None,
         "updated_at": _when(model, "state_since"),
         # Ours, after the seed's fields.
-        "state": _name(model_pb2.ModelState.Name(model.state), _STATE_PREFIX),
-        "kind": _name(model_pb2.ModelKind.Name(model.kind), _KIND_PREFIX),
-        "load_stage": _name(model_pb2.LoadStage.Name(model.load_stage), _LOAD_STAGE_PREFIX),
+        "state": _word(model_pb2.ModelState, model.state),
+        "kind": _word(model_pb2.ModelKind, model.kind),
+        "load_stage": _word(model_pb2.LoadStage, model.load_stage),
         "pid": model.pid,
         "slots": model.slots,
         "in_flight": model.in_flight,
@@ -316,9 +310,7 @@ def _seed_heartbeat(heartbeat: model_control_service_pb2.Heartbeat) -> dict[str,
     return {
         "timestamp": _when(heartbeat, "timestamp"),
         "server_status": _SEED_SERVER_STATUS.get(heartbeat.server_state, "unknown"),
-        "server_state": _name(
-            model_pb2.ServerState.Name(heartbeat.server_state), _SERVER_STATE_PREFIX
-        ),
+        "server_state": _word(model_pb2.ServerState, heartbeat.server_state),
     }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from clients import RouterClient
+from clients import Chunk, RouterClient
 from router.config import Settings, load_settings
 from router.resources.devices import Inventory
 from router.server import Router
@@ -110,6 +110,16 @@ async def running_router(
     finally:
         await client.close()
         await router.stop()
+
+
+async def seconds_to_first_chunk(client: RouterClient, model: str, body: dict[str, Any]) -> float:
+    """How long a streamed request waits for its first chunk (its slot, then the model);
+    the rest of the stream is dropped, which cancels the call."""
+    started = time.monotonic()
+    async for event in client.generate(model, {**body, "stream": True}):
+        if isinstance(event, Chunk):
+            break
+    return time.monotonic() - started
 
 
 async def wait_until(

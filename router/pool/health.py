@@ -117,8 +117,7 @@ class LivenessMonitor:
             return
         record = self.record(supervisor.alias)
         started = time.monotonic()
-        url = f"http://127.0.0.1:{child.port}/health"
-        ok = await process.health_status(session, url, self._timeout) == 200
+        ok = await process.health_status(session, child.health_url, self._timeout) == 200
         if supervisor.child is not child or supervisor.state is not ModelState.READY:
             return  # the child changed while probing; this result is about the old one
         record.probes += 1

@@ -121,6 +121,10 @@ class ChildProcess:
         return cls(process, port, log, name)
 
     @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/health"
+
+    @property
     def running(self) -> bool:
         return not self.exited.done()
 
@@ -175,7 +179,7 @@ class ChildProcess:
         is seen within a probe of it instead of at the next backoff step
         (up to 40 ms later for the tiny models, which are ready in ~60 ms).
         """
-        url = f"http://127.0.0.1:{self.port}/health"
+        url = self.health_url
         deadline = time.monotonic() + timeout
         delay = 0.005
         loading_seen = False

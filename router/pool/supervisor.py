@@ -51,10 +51,6 @@ from router.v1 import errors_pb2
 
 _LOGGER = logging.getLogger(__name__)
 S = ModelState
-# A child that stays up this long has proven itself: its model's failure count starts over.
-# A crash sooner continues the count, so a child that crashes soon after each start (on its
-# first request, say) backs off further each time and opens the circuit like a failing load.
-STABLE_AFTER_SEC = 60.0
 # After a SIGKILL a process normally is reaped at once; one stuck in the kernel (a GPU
 # driver call) may not be. A replacement waits this long (twice) before going on without it.
 KILL_WAIT_SEC = 1.0
@@ -79,13 +75,16 @@ class SupervisorSettings:
     load_max_retries: int
     failure_threshold: int
     failure_cooldown_sec: float
+    # A child that stays up this long has proven itself: its model's failure count starts
+    # over. A crash sooner continues the count, so a child that crashes soon after each start
+    # (on its first request, say) backs off further each time and opens the circuit.
+    stable_after_sec: float
     allowed_devices: tuple[str, ...]
     on_gpu: bool
     vram_multiplier: float
     min_vram_mib: int
     memory_mib: int | None = None  # declared in config: replaces the estimate
     max_tokens_cap: int | None = None
-    stable_after_sec: float = STABLE_AFTER_SEC
 
 
 class Admission(Protocol):
@@ -628,7 +627,6 @@ class Supervisor:
             return
         failure = classify_exit(child.exited.result(), self.log.tail(40))
         _LOGGER.error("%s: child crashed: %s", self.alias, failure.summary)
-        self._cancel_stable_timer()
         self._abort_leases(f"model '{self.alias}' stopped unexpectedly: {failure.summary}")
         self._transition(S.STOPPED)
         self._background(self._forget_child(child), "forget-child")
@@ -740,7 +738,6 @@ class Supervisor:
         if child is None or self.state is not S.READY:
             return
         _LOGGER.error("%s: child pid %d stopped answering; replacing it", self.alias, child.pid)
-        self._cancel_stable_timer()
         self._abort_leases(f"model '{self.alias}' stopped responding")
         # Out of READY before the kill: no new request may reach the hung child while it dies
         # (and its exit, now expected, is not counted twice by _on_exit).

@@ -39,6 +39,7 @@ from tests.helpers import (
     pid_alive,
     router_process,
     running_router,
+    seconds_to_first_chunk,
     settings_for,
     wait_until,
     write_config,
@@ -173,11 +174,7 @@ async def test_a_deadline_expiring_mid_stream_frees_the_slot(
                 chunks += isinstance(event, Chunk)
         assert chunks > 0, "the deadline must expire mid-stream, not before it"
 
-        started = time.monotonic()
-        async for event in client.generate("chat", {**PROMPT, "max_tokens": 4, "stream": True}):
-            if isinstance(event, Chunk):
-                break
-        waited = time.monotonic() - started
+        waited = await seconds_to_first_chunk(client, "chat", {**PROMPT, "max_tokens": 4})
         await wait_until(lambda: router.pool.get("chat").in_flight == 0, 2)
     assert waited < 1.0, f"the next request waited {waited:.2f} s for the slot"
 

@@ -29,6 +29,7 @@ from tests.helpers import (
     embed_model,
     established_connections,
     running_router,
+    seconds_to_first_chunk,
     settings_for,
     wait_until,
 )
@@ -135,11 +136,7 @@ async def test_cancel_frees_the_slot_at_once(tmp_path: Path, tiny_chat: Path) ->
             if isinstance(event, Chunk):
                 break
         await stream.aclose()  # the caller goes away mid-generation
-        started = time.monotonic()
-        async for event in client.generate("chat", {**PROMPT, "max_tokens": 4, "stream": True}):
-            if isinstance(event, Chunk):
-                break
-        waited = time.monotonic() - started
+        waited = await seconds_to_first_chunk(client, "chat", {**PROMPT, "max_tokens": 4})
         await wait_until(lambda: router.pool.get("chat").in_flight == 0, 2)
     assert waited < 1.0, f"the next request waited {waited:.2f} s for the slot"
 
