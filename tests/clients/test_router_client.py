@@ -43,6 +43,9 @@ from tests.clients.fake_router import (
 
 STARTED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 CREATED = datetime(2025, 12, 1, 8, 0, 0, tzinfo=timezone.utc)
+# A bound against hanging, not a latency claim: a busy 2-core first run has taken over 1 s to
+# deliver a cancellation to the in-process fake router.
+EVENTUALLY = 10.0
 CHAT_BODY = {"messages": [{"role": "user", "content": "Hi"}], "stream": True}
 
 
@@ -170,7 +173,7 @@ async def test_breaking_out_of_generate_cancels_the_call(
         assert isinstance(event, Chunk)
         break
 
-    await asyncio.wait_for(fake.cancelled.wait(), timeout=1)
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=EVENTUALLY)
     assert fake.cancelled_methods == ["Generate"]
 
 
@@ -182,7 +185,7 @@ async def test_closing_generate_cancels_the_call(router: tuple[FakeRouter, Route
     async with contextlib.aclosing(client.generate("chat", CHAT_BODY)) as events:
         assert await anext(events) == Queued(position=1, queue_length=1)
 
-    await asyncio.wait_for(fake.cancelled.wait(), timeout=1)
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=EVENTUALLY)
 
 
 async def test_cancelling_the_consumer_task_cancels_the_call(
@@ -191,11 +194,11 @@ async def test_cancelling_the_consumer_task_cancels_the_call(
     fake, client = router
     fake.hold_streams_open = True
     consumer = asyncio.create_task(_drain(client.generate("chat", CHAT_BODY)))
-    await asyncio.wait_for(fake.called.wait(), timeout=1)
+    await asyncio.wait_for(fake.called.wait(), timeout=EVENTUALLY)
 
     consumer.cancel()
 
-    await asyncio.wait_for(fake.cancelled.wait(), timeout=1)
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=EVENTUALLY)
     with pytest.raises(asyncio.CancelledError):
         await consumer
 
@@ -207,11 +210,11 @@ async def test_cancel_passes_through_tracing_interceptors() -> None:
         fake.hold_streams_open = True
         async with RouterClient(target, interceptors=aio_client_interceptors()) as client:
             consumer = asyncio.create_task(_drain(client.generate("chat", CHAT_BODY)))
-            await asyncio.wait_for(fake.called.wait(), timeout=1)
+            await asyncio.wait_for(fake.called.wait(), timeout=EVENTUALLY)
 
             consumer.cancel()
 
-            await asyncio.wait_for(fake.cancelled.wait(), timeout=1)
+            await asyncio.wait_for(fake.cancelled.wait(), timeout=EVENTUALLY)
             with pytest.raises(asyncio.CancelledError):
                 await consumer
 
@@ -243,7 +246,7 @@ async def test_generate_timeout_is_the_call_deadline(
     with pytest.raises(clients.DeadlineExceededError):
         await _drain(client.generate("chat", CHAT_BODY, timeout=0.2))
 
-    await asyncio.wait_for(fake.cancelled.wait(), timeout=1)
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=EVENTUALLY)
 
 
 # Metadata
@@ -537,7 +540,7 @@ async def test_unary_timeout_is_the_call_deadline(
     with pytest.raises(clients.DeadlineExceededError):
         await client.reset("chat", timeout=0.1)
 
-    await asyncio.wait_for(fake.cancelled.wait(), timeout=1)
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=EVENTUALLY)
 
 
 # WatchModels
@@ -619,7 +622,7 @@ async def test_breaking_out_of_watch_cancels_the_call(
         assert event.kind == "heartbeat"
         break
 
-    await asyncio.wait_for(fake.cancelled.wait(), timeout=1)
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=EVENTUALLY)
     assert fake.cancelled_methods == ["WatchModels"]
 
 

@@ -92,9 +92,11 @@ async def test_load_cancelled_by_unload_releases_everything(
         system={"llama_server_path": fake("--load-delay 60"), "wait_ready_sec": 60},
     )
     async with running_router(settings) as (router, client):
-        with pytest.raises(DeadlineExceededError):
-            await client.load("slow", timeout=0.3)  # the caller gives up; the load goes on
+        await client.load("slow", wait=False)
         supervisor = router.pool.get("slow")
+        await wait_until(lambda: supervisor.child is not None, 10)
+        with pytest.raises(DeadlineExceededError):
+            await client.load("slow", timeout=0.3)  # a waiter gives up; the load goes on
         assert supervisor.state.value in ("starting", "loading")
         pid = supervisor.child.pid  # type: ignore[union-attr]
         started = time.monotonic()
