@@ -28,6 +28,7 @@ from clients.errors import (
 )
 from clients.events import (
     Chunk,
+    Completion,
     EmbedResult,
     End,
     GenerateEvent,
@@ -47,6 +48,7 @@ from clients.router_client import GenerateKind, Priority, RouterClient
 __all__ = [
     "AuthenticationError",
     "Chunk",
+    "Completion",
     "DeadlineExceededError",
     "EmbedResult",
     "End",

@@ -132,6 +132,22 @@ GenerateEvent: TypeAlias = Queued | Loading | Chunk | End
 
 
 @dataclass(frozen=True, slots=True)
+class Completion:
+    """The whole answer to a non-streamed request (`RouterClient.complete`).
+
+    **Parameters:**
+
+    * **body** - llama-server's complete OpenAI response JSON object, verbatim.
+    * **text** - the generated text.
+    * **end** - the finish reason, token counts and latency phases.
+    """
+
+    body: str
+    text: str
+    end: End
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """A snapshot of one configured model and its llama-server child (router.v1.Model).
 

@@ -17,6 +17,7 @@ from google.protobuf import timestamp_pb2
 from clients.errors import UnavailableError, map_rpc_errors
 from clients.events import (
     Chunk,
+    Completion,
     EmbedResult,
     End,
     GenerateEvent,
@@ -248,6 +249,33 @@ class RouterClient:
         finally:
             # A no-op once the call has ended; otherwise the consumer stopped early.
             call.cancel()
+
+    async def complete(
+        self,
+        model: str,
+        body: Mapping[str, Any] | str,
+        *,
+        kind: GenerateKind = "chat",
+        priority: Priority = "normal",
+        request_id: str | None = None,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Completion:
+        """Run one chat or text completion that does not ask for a stream; return its answer.
+
+        One unary call: cheaper than `generate()` when only the complete response matters
+        (the wait for the queue and the load is silent). A body with `"stream": true` raises
+        `InvalidRequestError`. Cancelling the awaiting task cancels the call.
+        """
+        request = inference_service_pb2.CompleteRequest(
+            model=model,
+            kind=_choice(_KINDS, "kind", kind),
+            body=body if isinstance(body, str) else json.dumps(body, separators=(",", ":")),
+            priority=_choice(_PRIORITIES, "priority", priority),
+            request_id=request_id or "",
+        )
+        response = await self._unary(self._inference.Complete, request, timeout, metadata)
+        return Completion(response.body, response.text, _end(response.end))
 
     async def embed(
         self,

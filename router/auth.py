@@ -9,7 +9,7 @@ the configuration only allows on loopback):
     public     grpc.health.v1                         no key
     any key    server reflection                      any valid key
     read       ListModels, GetModel                   inference, monitor or admin
-    inference  Generate, Embed                        inference or admin
+    inference  Generate, Complete, Embed              inference or admin
     monitor    WatchModels, queue stats, resources,   monitor or admin
                model health, failed models, summary
     admin      LoadModel, UnloadModel, ResetModel,    admin
@@ -45,6 +45,7 @@ _INFERENCE = "/router.v1.InferenceService/"
 _CONTROL = "/router.v1.ModelControlService/"
 REQUIRED: dict[str, str] = {
     _INFERENCE + "Generate": "inference",
+    _INFERENCE + "Complete": "inference",
     _INFERENCE + "Embed": "inference",
     _CONTROL + "ListModels": "read",
     _CONTROL + "GetModel": "read",
@@ -198,6 +199,13 @@ class Authenticator:
         return principal
 
 
+_METERED = (
+    inference_service_pb2.GenerateRequest,
+    inference_service_pb2.CompleteRequest,
+    inference_service_pb2.EmbedRequest,
+)
+
+
 def check_request(principal: Principal, request: Any) -> None:
     """Per-request rules: model allow-list, HIGH priority, rate limits (inference only)."""
     model = getattr(request, "model", "")
@@ -206,9 +214,7 @@ def check_request(principal: Principal, request: Any) -> None:
     priority = getattr(request, "priority", None)
     if priority == inference_service_pb2.PRIORITY_HIGH and not principal.allow_high_priority:
         raise PermissionDenied("this key may not use high priority")
-    if isinstance(
-        request, (inference_service_pb2.GenerateRequest, inference_service_pb2.EmbedRequest)
-    ):
+    if isinstance(request, _METERED):
         for bucket, what in ((principal.tokens, "tokens"), (principal.requests, "requests")):
             if bucket is None:
                 continue
@@ -244,6 +250,11 @@ class TokenCharge:
                 # Usage 0 = llama-server did not report it: keep the chunk count.
                 self._pending = usage.prompt_tokens + usage.completion_tokens or self._pending
                 self.settle()
+        elif isinstance(response, inference_service_pb2.CompleteResponse):
+            usage = response.end.usage
+            # Usage 0 = not reported: one unit, as a non-streamed Generate's one chunk.
+            self._pending = usage.prompt_tokens + usage.completion_tokens or 1
+            self.settle()
         elif isinstance(response, inference_service_pb2.EmbedResponse):
             self._pending = response.usage.prompt_tokens
             self.settle()

@@ -111,6 +111,15 @@ GenerateEvent = Queued | Loading | Chunks | Done
 
 
 @dataclass(frozen=True, slots=True)
+class Completion:
+    """A non-streamed response: llama-server's body, its text, and how it ended."""
+
+    body: str
+    text: str
+    done: Done
+
+
+@dataclass(frozen=True, slots=True)
 class EmbedResult:
     vectors: list[list[float]]
     usage: Usage
@@ -363,7 +372,22 @@ class Engine:
             if _LOGGER.isEnabledFor(logging.DEBUG):  # a line per request only when asked
                 _log_outcome(outcome)
 
-    async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateEvent]:
+    async def complete(self, call: GenerateCall) -> Completion:
+        """Run a request whose body does not ask for a stream; return its whole response."""
+        body, text, done = "", "", None
+        # Read to the end, not just to Done: leaving early would close the generator as if
+        # the caller had gone (a CANCELLED outcome, the slot freed only at finalization).
+        async for event in self.generate(call, stream_allowed=False):
+            if type(event) is Chunks:
+                body, text = event.data[0], event.text
+            elif type(event) is Done:
+                done = event
+        assert done is not None, "generate() ends with Done or raises"
+        return Completion(body, text, done)
+
+    async def generate(
+        self, call: GenerateCall, *, stream_allowed: bool = True
+    ) -> AsyncIterator[GenerateEvent]:
         started = time.monotonic()
         if call.kind not in _PATHS:
             raise InvalidRequest("kind must be chat or completion")
@@ -381,6 +405,11 @@ class Engine:
                 parsed["model"] = call.model
                 body = json.dumps(parsed, separators=(",", ":"))
             outcome.streamed = stream = parsed.get("stream", False)
+            if stream and not stream_allowed:
+                raise InvalidRequest(
+                    "'stream' must be false here; use Generate for a streamed response",
+                    metadata={"param": "stream"},
+                )
             ticket = supervisor.enter(call.priority)
             try:
                 async for progress in _wait(ticket, started):

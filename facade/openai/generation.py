@@ -1,8 +1,10 @@
-"""`POST /v1/chat/completions` and `POST /v1/completions`: one Generate call each.
+"""`POST /v1/chat/completions` and `POST /v1/completions`: one router call each.
 
-The body goes to the router as received. A non-streamed answer is llama-server's own response
-body; a streamed one writes each gRPC message's chunks as SSE frames in one write, without
-parsing them (the hot path: thousands of chunks a second).
+The body goes to the router as received. A non-streamed request is one unary Complete call
+(cheaper than a stream: one message, no queue events), answered with llama-server's own
+response body. A streamed one is a Generate call whose messages' chunks are written as SSE
+frames, one write per message, without parsing them (the hot path: thousands of chunks a
+second).
 """
 
 from __future__ import annotations
@@ -37,7 +39,21 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, kind: GenerateKind) -> web.StreamResponse:
     parsed = parse_generation_request(await read_body(request), kind)
-    events = request.app[CLIENT].generate(
+    client = request.app[CLIENT]
+    if not parsed.stream:
+        completion = await client.complete(
+            parsed.model,
+            parsed.body,
+            kind=kind,
+            priority=priority(request),
+            request_id=request_id(request),
+            metadata=call_metadata(request),
+        )
+        if not completion.body:
+            _LOGGER.error("the router answered a non-streamed call without a response")
+            raise internal_error()
+        return web.Response(text=completion.body, content_type="application/json")
+    events = client.generate(
         parsed.model,
         parsed.body,
         kind=kind,
@@ -46,20 +62,7 @@ async def _generate(request: web.Request, kind: GenerateKind) -> web.StreamRespo
         metadata=call_metadata(request),
     )
     async with contextlib.aclosing(events):
-        if parsed.stream:
-            return await _stream(request, events)
-        return await _respond(events)
-
-
-async def _respond(events: AsyncIterator[GenerateEvent]) -> web.Response:
-    body = ""
-    async for event in events:
-        if type(event) is Chunk and event.data:
-            body = event.data[0]
-    if not body:
-        _LOGGER.error("the router ended a non-streamed call without a response")
-        raise internal_error()
-    return web.Response(text=body, content_type="application/json")
+        return await _stream(request, events)
 
 
 async def _stream(request: web.Request, events: AsyncIterator[GenerateEvent]) -> web.StreamResponse:

@@ -131,22 +131,23 @@ def generate_event_to_pb(event: GenerateEvent) -> ipb.GenerateResponse:
         return ipb.GenerateResponse(
             loading=ipb.Loading(stage=STAGE_TO_PB[event.stage], elapsed_sec=event.elapsed_sec)
         )
-    assert isinstance(event, Done)
-    usage, timing = event.usage, event.timing
-    return ipb.GenerateResponse(
-        end=ipb.End(
-            finish_reason=event.finish_reason,
-            usage=ipb.Usage(
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                total_tokens=usage.total_tokens,
-                cached_tokens=usage.cached_tokens,
-            ),
-            timing=ipb.Timing(
-                queue_ms=timing.queue_ms,
-                load_ms=timing.load_ms,
-                ttft_ms=timing.ttft_ms,
-                total_ms=timing.total_ms,
-            ),
-        )
+    return ipb.GenerateResponse(end=done_to_pb(event))
+
+
+def done_to_pb(done: Done) -> ipb.End:
+    usage, timing = done.usage, done.timing
+    return ipb.End(
+        finish_reason=done.finish_reason,
+        usage=ipb.Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cached_tokens=usage.cached_tokens,
+        ),
+        timing=ipb.Timing(
+            queue_ms=timing.queue_ms,
+            load_ms=timing.load_ms,
+            ttft_ms=timing.ttft_ms,
+            total_ms=timing.total_ms,
+        ),
     )

@@ -11,7 +11,12 @@ from router.errors import InvalidRequest
 from router.inference import Engine, GenerateCall, new_request_id
 from router.logs import request_id
 from router.scheduler.queue import Priority
-from router.servicers.convert import KIND_FROM_PB, PRIORITY_FROM_PB, generate_event_to_pb
+from router.servicers.convert import (
+    KIND_FROM_PB,
+    PRIORITY_FROM_PB,
+    done_to_pb,
+    generate_event_to_pb,
+)
 from router.v1 import inference_service_pb2 as ipb
 from router.v1 import inference_service_pb2_grpc
 
@@ -25,18 +30,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: ipb.GenerateRequest, context: Context
     ) -> AsyncIterator[ipb.GenerateResponse]:
-        kind = KIND_FROM_PB.get(request.kind)
-        if kind is None:
-            raise InvalidRequest("kind must be GENERATE_KIND_CHAT or GENERATE_KIND_COMPLETION")
-        call = GenerateCall(
-            model=request.model,
-            kind=kind,
-            body=request.body,
-            priority=PRIORITY_FROM_PB.get(request.priority, Priority.NORMAL),
-            request_id=_request_id(request.request_id, context),
-        )
-        async for event in self._engine.generate(call):
+        async for event in self._engine.generate(_call(request, context)):
             yield generate_event_to_pb(event)
+
+    async def Complete(
+        self, request: ipb.CompleteRequest, context: Context
+    ) -> ipb.CompleteResponse:
+        completion = await self._engine.complete(_call(request, context))
+        return ipb.CompleteResponse(
+            body=completion.body, text=completion.text, end=done_to_pb(completion.done)
+        )
 
     async def Embed(self, request: ipb.EmbedRequest, context: Context) -> ipb.EmbedResponse:
         _request_id(request.request_id, context)
@@ -54,6 +57,19 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 prompt_tokens=result.usage.prompt_tokens, total_tokens=result.usage.total_tokens
             ),
         )
+
+
+def _call(request: ipb.GenerateRequest | ipb.CompleteRequest, context: Context) -> GenerateCall:
+    kind = KIND_FROM_PB.get(request.kind)
+    if kind is None:
+        raise InvalidRequest("kind must be GENERATE_KIND_CHAT or GENERATE_KIND_COMPLETION")
+    return GenerateCall(
+        model=request.model,
+        kind=kind,
+        body=request.body,
+        priority=PRIORITY_FROM_PB.get(request.priority, Priority.NORMAL),
+        request_id=_request_id(request.request_id, context),
+    )
 
 
 def _request_id(given: str, context: Context) -> str:

@@ -275,6 +275,76 @@ class End(_message.Message):
 Global___End: _TypeAlias = End  # noqa: Y015
 
 @_typing.final
+class CompleteRequest(_message.Message):
+    """CompleteRequest carries one OpenAI request that does not ask for a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the alias of the model to run."""
+    kind: Global___GenerateKind.ValueType
+    """kind selects chat or text completion."""
+    body: _builtins.str
+    """body is the OpenAI request body as a JSON object, passed to llama-server as is."""
+    priority: Global___Priority.ValueType
+    """priority orders this request among the model's waiters."""
+    request_id: _builtins.str
+    """request_id identifies the request in logs and traces; the router makes one when empty."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        kind: Global___GenerateKind.ValueType = ...,
+        body: _builtins.str = ...,
+        priority: Global___Priority.ValueType = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "kind", b"kind", "model", b"model", "priority", b"priority", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteRequest: _TypeAlias = CompleteRequest  # noqa: Y015
+
+@_typing.final
+class CompleteResponse(_message.Message):
+    """CompleteResponse is the whole answer to a non-streamed request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    body: _builtins.str
+    """body is llama-server's complete OpenAI response JSON object, verbatim."""
+    text: _builtins.str
+    """text is the generated text, for typed consumers."""
+    @_builtins.property
+    def end(self) -> Global___End:
+        """end carries the finish reason, usage and timing, as Generate's last event does."""
+
+    def __init__(
+        self,
+        *,
+        body: _builtins.str = ...,
+        text: _builtins.str = ...,
+        end: Global___End | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "end", b"end", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteResponse: _TypeAlias = CompleteResponse  # noqa: Y015
+
+@_typing.final
 class Usage(_message.Message):
     """Usage counts tokens as llama-server reported them."""
 

@@ -40,6 +40,11 @@ class InferenceServiceStub:
                 request_serializer=router_dot_v1_dot_inference__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=router_dot_v1_dot_inference__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Complete = channel.unary_unary(
+                '/router.v1.InferenceService/Complete',
+                request_serializer=router_dot_v1_dot_inference__service__pb2.CompleteRequest.SerializeToString,
+                response_deserializer=router_dot_v1_dot_inference__service__pb2.CompleteResponse.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/router.v1.InferenceService/Embed',
                 request_serializer=router_dot_v1_dot_inference__service__pb2.EmbedRequest.SerializeToString,
@@ -60,6 +65,17 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Complete(self, request, context):
+        """Complete runs one chat or text completion whose body does not ask for a
+        stream and returns llama-server's complete response once it is done: one
+        message instead of a stream's several (the queue and the load are waited
+        for in silence, within the call's deadline). A body with `"stream": true`
+        is INVALID_ARGUMENT. A cancelled call aborts the upstream request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Embed(self, request, context):
         """Embed returns one vector per input, in input order, from one batched upstream call.
         """
@@ -74,6 +90,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=router_dot_v1_dot_inference__service__pb2.GenerateRequest.FromString,
                     response_serializer=router_dot_v1_dot_inference__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Complete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=router_dot_v1_dot_inference__service__pb2.CompleteRequest.FromString,
+                    response_serializer=router_dot_v1_dot_inference__service__pb2.CompleteResponse.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -109,6 +130,33 @@ class InferenceService:
             '/router.v1.InferenceService/Generate',
             router_dot_v1_dot_inference__service__pb2.GenerateRequest.SerializeToString,
             router_dot_v1_dot_inference__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/router.v1.InferenceService/Complete',
+            router_dot_v1_dot_inference__service__pb2.CompleteRequest.SerializeToString,
+            router_dot_v1_dot_inference__service__pb2.CompleteResponse.FromString,
             options,
             channel_credentials,
             insecure,

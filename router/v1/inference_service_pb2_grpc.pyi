@@ -38,6 +38,13 @@ class InferenceServiceStub:
     position and load progress while waiting, then the upstream chunks as they
     arrive, then an end event. A cancelled call aborts the upstream request.
     """
+    Complete: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.CompleteRequest, _inference_service_pb2.CompleteResponse]
+    """Complete runs one chat or text completion whose body does not ask for a
+    stream and returns llama-server's complete response once it is done: one
+    message instead of a stream's several (the queue and the load are waited
+    for in silence, within the call's deadline). A body with `"stream": true`
+    is INVALID_ARGUMENT. A cancelled call aborts the upstream request.
+    """
     Embed: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.EmbedRequest, _inference_service_pb2.EmbedResponse]
     """Embed returns one vector per input, in input order, from one batched upstream call."""
 
@@ -50,6 +57,13 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Generate runs one chat or text completion and streams its events: queue
     position and load progress while waiting, then the upstream chunks as they
     arrive, then an end event. A cancelled call aborts the upstream request.
+    """
+    Complete: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.CompleteRequest, _inference_service_pb2.CompleteResponse]  # type: ignore[assignment]
+    """Complete runs one chat or text completion whose body does not ask for a
+    stream and returns llama-server's complete response once it is done: one
+    message instead of a stream's several (the queue and the load are waited
+    for in silence, within the call's deadline). A body with `"stream": true`
+    is INVALID_ARGUMENT. A cancelled call aborts the upstream request.
     """
     Embed: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.EmbedRequest, _inference_service_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embed returns one vector per input, in input order, from one batched upstream call."""
@@ -66,6 +80,19 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Generate runs one chat or text completion and streams its events: queue
         position and load progress while waiting, then the upstream chunks as they
         arrive, then an end event. A cancelled call aborts the upstream request.
+        """
+
+    @_abc_1.abstractmethod
+    def Complete(
+        self,
+        request: _inference_service_pb2.CompleteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_service_pb2.CompleteResponse, _abc.Awaitable[_inference_service_pb2.CompleteResponse]]:
+        """Complete runs one chat or text completion whose body does not ask for a
+        stream and returns llama-server's complete response once it is done: one
+        message instead of a stream's several (the queue and the load are waited
+        for in silence, within the call's deadline). A body with `"stream": true`
+        is INVALID_ARGUMENT. A cancelled call aborts the upstream request.
         """
 
     @_abc_1.abstractmethod

@@ -124,6 +124,8 @@ async def http_once(
 
 
 async def grpc_call(client: RouterClient, body: str, stream: bool) -> Sample:
+    if not stream:
+        return await grpc_complete(client, body)
     start = time.perf_counter()
     first: float | None = None
     tokens = chunks = messages = 0
@@ -147,6 +149,16 @@ async def grpc_call(client: RouterClient, body: str, stream: bool) -> Sample:
     return Sample(
         start, ttft if stream else end - start, end - start, tokens, chunks, messages, server_ms
     )
+
+
+async def grpc_complete(client: RouterClient, body: str) -> Sample:
+    """A non-streamed request, as a gRPC user makes it: one unary Complete call."""
+    start = time.perf_counter()
+    completion = await client.complete(MODEL, body)
+    end = time.perf_counter()
+    server_ms = _usage(json.loads(completion.body))[1]
+    tokens, chunks = completion.end.usage.completion_tokens, 1 if completion.text else 0
+    return Sample(start, end - start, end - start, tokens, chunks, 1, server_ms)
 
 
 async def run_load(

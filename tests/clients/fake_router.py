@@ -12,7 +12,8 @@ async with serve_fake_router() as (fake, target):
 
 A test scripts the fake by setting its attributes before the call:
 
-* `generate_events` / `watch_events` - the messages Generate / WatchModels yield.
+* `generate_events` / `watch_events` - the messages Generate / WatchModels yield; Complete
+  answers with the chunk and end among `generate_events`, collected into one message.
 * `models` - the configured models by alias, in configuration order. GetModel answers from it
   (NOT_FOUND with reason MODEL_NOT_FOUND for an unknown alias), LoadModel marks the model ready,
   UnloadModel stopped, ResetModel clears its failures; ListModels lists it with `server`.
@@ -21,7 +22,8 @@ A test scripts the fake by setting its attributes before the call:
 * `errors` - a status per method name (build one with `rich_status()`): a unary call aborts with
   it; a stream yields its scripted events first, then aborts.
 * `delay` - seconds every call sleeps before answering, e.g. to pass a client's deadline.
-* `hold_streams_open` - streams wait after their events until the client cancels.
+* `hold_streams_open` - streams wait after their events, and Complete before answering, until
+  the client cancels.
 
 For behaviour these cannot express (e.g. events that depend on the request), subclass FakeRouter
 and override the handler.
@@ -116,6 +118,26 @@ class FakeRouter(
             for event in self.generate_events:
                 yield event
             await self._finish_stream("Generate", context)
+
+    async def Complete(
+        self, request: inference_service_pb2.CompleteRequest, context: _Context
+    ) -> inference_service_pb2.CompleteResponse:
+        scripted = await self._unary(
+            "Complete", request, context, inference_service_pb2.CompleteResponse
+        )
+        if scripted is not None:
+            return scripted
+        if self.hold_streams_open:
+            with self._noting_cancel("Complete"):
+                await asyncio.Event().wait()
+        # As the router answers: Generate's events collected into one message.
+        response = inference_service_pb2.CompleteResponse()
+        for event in self.generate_events:
+            if event.HasField("chunk"):
+                response.body, response.text = event.chunk.data[0], event.chunk.text
+            elif event.HasField("end"):
+                response.end.CopyFrom(event.end)
+        return response
 
     async def Embed(
         self, request: inference_service_pb2.EmbedRequest, context: _Context

@@ -21,6 +21,7 @@ def test_all_is_pinned() -> None:
     assert clients.__all__ == [
         "AuthenticationError",
         "Chunk",
+        "Completion",
         "DeadlineExceededError",
         "EmbedResult",
         "End",
@@ -73,6 +74,7 @@ def test_every_error_derives_from_router_error() -> None:
     "value_class",
     [
         clients.Chunk,
+        clients.Completion,
         clients.EmbedResult,
         clients.End,
         clients.Loading,
@@ -151,6 +153,12 @@ CLIENT_MEMBERS = {
         f"request_id: 'str | None' = None, {_TIMEOUT}, {_META}) "
         "-> 'AsyncGenerator[GenerateEvent, None]'",
     ),
+    "complete": (
+        "async",
+        "(self, model: 'str', body: 'Mapping[str, Any] | str', *, "
+        "kind: 'GenerateKind' = 'chat', priority: 'Priority' = 'normal', "
+        f"request_id: 'str | None' = None, {_TIMEOUT}, {_META}) -> 'Completion'",
+    ),
     "embed": (
         "async",
         "(self, model: 'str', inputs: 'Sequence[str] | Sequence[Sequence[int]]', *, "
@@ -182,6 +190,7 @@ FUNCTIONS = {
 _WHEN = "datetime | None"
 DATACLASS_FIELDS: dict[str, list[tuple[str, str]]] = {
     "Chunk": [("data", "Sequence[str]"), ("text", "str")],
+    "Completion": [("body", "str"), ("text", "str"), ("end", "End")],
     "EmbedResult": [
         ("embeddings", "list[list[float]]"),
         ("prompt_tokens", "int"),

@@ -310,6 +310,65 @@ async def test_interceptors_run_on_every_call() -> None:
     assert fake.calls[0].header("x-intercepted") == ["yes"]
 
 
+# Complete
+
+
+async def test_complete_returns_the_body_text_and_end(
+    router: tuple[FakeRouter, RouterClient],
+) -> None:
+    fake, client = router
+    fake.generate_events = [
+        chunk('{"object":"chat.completion"}', text="Hi there"),
+        end("length", usage=inference_service_pb2.Usage(prompt_tokens=3, completion_tokens=2)),
+    ]
+
+    completion = await client.complete(
+        "chat", {"messages": []}, kind="completion", priority="low", request_id="c-1"
+    )
+
+    assert completion.body == '{"object":"chat.completion"}'
+    assert completion.text == "Hi there"
+    assert completion.end.finish_reason == "length"
+    assert (completion.end.usage.prompt_tokens, completion.end.usage.completion_tokens) == (3, 2)
+    request = fake.calls[0].request
+    assert isinstance(request, inference_service_pb2.CompleteRequest)
+    assert (request.model, request.body, request.request_id) == ("chat", '{"messages":[]}', "c-1")
+    assert request.kind == inference_service_pb2.GENERATE_KIND_COMPLETION
+    assert request.priority == inference_service_pb2.PRIORITY_LOW
+
+
+async def test_complete_maps_errors_and_deadlines(router: tuple[FakeRouter, RouterClient]) -> None:
+    fake, client = router
+    fake.errors["Complete"] = rich_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", reason="QUEUE_FULL", retry_after=2
+    )
+    with pytest.raises(clients.RateLimitError) as caught:
+        await client.complete("chat", CHAT_BODY)
+    assert (caught.value.reason, caught.value.retry_after) == ("QUEUE_FULL", 2)
+
+    del fake.errors["Complete"]
+    fake.hold_streams_open = True
+    with pytest.raises(clients.DeadlineExceededError):
+        await client.complete("chat", CHAT_BODY, timeout=0.2)
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=EVENTUALLY)
+
+
+async def test_cancelling_complete_cancels_the_call(
+    router: tuple[FakeRouter, RouterClient],
+) -> None:
+    fake, client = router
+    fake.hold_streams_open = True
+    call = asyncio.create_task(client.complete("chat", CHAT_BODY))
+    await asyncio.wait_for(fake.called.wait(), timeout=EVENTUALLY)
+
+    call.cancel()
+
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=EVENTUALLY)
+    assert fake.cancelled_methods == ["Complete"]
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
 # Embed
 
 

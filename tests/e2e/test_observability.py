@@ -29,6 +29,7 @@ from tests.helpers import chat_model, free_port, router_process, write_config
 
 PROMTOOL = str(Path(sys.executable).parent / "promtool")
 GENERATE = "/router.v1.InferenceService/Generate"
+COMPLETE = "/router.v1.InferenceService/Complete"  # non-streamed requests
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello"}], "temperature": 0}
 CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -236,7 +237,7 @@ def test_a_router_error_is_on_its_span_once_with_its_status(observed: Observed) 
             (
                 s
                 for s in spans
-                if s.span.name == GENERATE
+                if s.span.name == COMPLETE
                 and s.span.kind == SERVER
                 and s.attribute("rpc.grpc.status_code") == INVALID_ARGUMENT
             ),

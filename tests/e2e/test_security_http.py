@@ -418,6 +418,7 @@ _CONTROL = "router.v1.ModelControlService/"
 GRPC_SCOPES: list[tuple[str | None, str, dict[str, Any], str]] = [
     (None, "grpc.health.v1.Health/Check", {}, "OK"),
     (None, "router.v1.InferenceService/Generate", _GENERATE, "Unauthenticated"),
+    (None, "router.v1.InferenceService/Complete", _GENERATE, "Unauthenticated"),
     (None, _CONTROL + "ListModels", {}, "Unauthenticated"),
     (None, _CONTROL + "GetQueueStats", {}, "Unauthenticated"),
     (None, _CONTROL + "LoadModel", {"model": "chat"}, "Unauthenticated"),
@@ -425,6 +426,7 @@ GRPC_SCOPES: list[tuple[str | None, str, dict[str, Any], str]] = [
     (None, _CONTROL + "GetModelHealth", {}, "Unauthenticated"),
     ("wrong", _CONTROL + "ListModels", {}, "Unauthenticated"),
     ("inference", "router.v1.InferenceService/Generate", _GENERATE, "OK"),
+    ("inference", "router.v1.InferenceService/Complete", _GENERATE, "OK"),
     ("inference", "router.v1.InferenceService/Embed", {"model": "embed", "inputs": ["a"]}, "OK"),
     ("inference", _CONTROL + "ListModels", {}, "OK"),
     ("inference", _CONTROL + "GetModel", {"model": "other"}, "NotFound"),
@@ -461,6 +463,7 @@ GRPC_SCOPES: list[tuple[str | None, str, dict[str, Any], str]] = [
     ("monitor", _CONTROL + "GetTelemetrySummary", {}, "OK"),
     ("monitor", _CONTROL + "GetModel", {"model": "other"}, "OK"),
     ("monitor", "router.v1.InferenceService/Generate", _GENERATE, "PermissionDenied"),
+    ("monitor", "router.v1.InferenceService/Complete", _GENERATE, "PermissionDenied"),
     (
         "monitor",
         "router.v1.InferenceService/Embed",

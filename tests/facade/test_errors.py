@@ -107,7 +107,7 @@ async def test_every_row_of_the_error_table(
     stream: bool,
 ) -> None:
     message = "router says no (/srv/models/x.gguf)"
-    facade.fake.errors["Generate"] = rich_status(
+    facade.fake.errors["Generate" if stream else "Complete"] = rich_status(
         code, message, reason=reason, metadata=metadata, retry_after=retry
     )
 

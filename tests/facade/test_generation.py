@@ -225,7 +225,7 @@ async def test_the_body_reaches_the_router_unchanged(facade: Facade) -> None:
 
     assert response.status == 200
     request = facade.fake.calls[0].request
-    assert isinstance(request, inference_service_pb2.GenerateRequest)
+    assert isinstance(request, inference_service_pb2.CompleteRequest)
     assert request.body == body
     assert request.model == "chat"
     assert request.kind == inference_service_pb2.GENERATE_KIND_CHAT
@@ -336,7 +336,7 @@ async def test_the_priority_header_sets_the_priority(
 
     assert response.status == 200
     request = facade.fake.calls[0].request
-    assert isinstance(request, inference_service_pb2.GenerateRequest)
+    assert isinstance(request, inference_service_pb2.CompleteRequest)
     assert request.priority == expected
 
 

@@ -77,6 +77,60 @@ async def test_non_stream_returns_one_complete_response(tmp_path: Path, tiny_cha
     assert isinstance(completion[-1], End) and completion[-1].usage.completion_tokens == 4
 
 
+async def test_complete_answers_in_one_message_what_generate_streams_in_several(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat)})
+    body = {**PROMPT, "max_tokens": 8, "seed": 1}
+    async with running_router(settings) as (router, client):
+        events = await collect(client, "chat", body)
+        completion = await client.complete("chat", body)
+        text = await client.complete(
+            "chat", {"prompt": "hello world", "max_tokens": 4}, kind="completion"
+        )
+        with pytest.raises(InvalidRequestError, match="use Generate") as refused:
+            await client.complete("chat", {**body, "stream": True})
+        assert router.pool.get("chat").in_flight == 0
+        outcomes = {
+            (sample.labels["endpoint"], sample.labels["status"]): sample.value
+            for family in router.metrics.registry.collect()
+            if family.name == "routermodel_requests"
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels["model"] == "chat"
+        }
+    # Each call is one request with its real outcome (an early exit once read as cancelled).
+    assert {key: n for key, n in outcomes.items() if n} == {
+        ("chat", "2xx"): 2,
+        ("completion", "2xx"): 1,
+        ("chat", "4xx"): 1,
+    }
+    (chunk,) = [e for e in events if isinstance(e, Chunk)]
+    generated, completed = json.loads(chunk.data[0]), json.loads(completion.body)
+    for answer in (generated, completed):  # the second one found its prompt in the cache
+        del answer["id"], answer["created"], answer["timings"], answer["usage"]
+    assert completed == generated  # the same body, verbatim from llama-server
+    assert completion.text == chunk.text and completion.text
+    assert (completion.end.finish_reason, completion.end.usage.completion_tokens) == ("length", 8)
+    assert completion.end.timing.total_ms >= completion.end.timing.ttft_ms > 0
+    assert '"object":"text_completion"' in text.body and text.end.usage.completion_tokens == 4
+    assert refused.value.metadata.get("param") == "stream"
+
+
+async def test_cancelling_complete_frees_the_slot_at_once(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(
+        tmp_path, {"chat": chat_model(tiny_chat, n_ctx=65536, parallel_override=1)}
+    )
+    async with running_router(settings) as (router, client):
+        await client.load("chat")
+        long = asyncio.create_task(client.complete("chat", {**PROMPT, "max_tokens": 60000}))
+        await wait_until(lambda: router.pool.get("chat").in_flight == 1, 10)
+        long.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await long
+        waited = await seconds_to_first_chunk(client, "chat", {**PROMPT, "max_tokens": 4})
+    assert waited < 1.0, f"the next request waited {waited:.2f} s for the slot"
+
+
 async def test_first_chunk_arrives_long_before_the_end(tmp_path: Path, tiny_chat: Path) -> None:
     settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat, n_ctx=8192)})
     async with running_router(settings) as (_, client):

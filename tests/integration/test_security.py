@@ -87,8 +87,14 @@ async def test_scopes_over_grpc(tmp_path: Path, tiny_chat: Path, tiny_embed: Pat
         with pytest.raises(AuthenticationError):
             await generate(RouterClient(target, api_key="wrong-key"))
 
+        with pytest.raises(AuthenticationError):
+            await anonymous.complete("chat", PROMPT)
+
         async with RouterClient(target, api_key=KEYS["inference"]) as inference:
             assert isinstance((await generate(inference))[-1], End)
+            assert (await inference.complete("chat", PROMPT)).end.usage.completion_tokens == 4
+            with pytest.raises(ModelNotFoundError):
+                await inference.complete("other", PROMPT)
             assert (await inference.embed("embed", ["hello"])).embeddings
             assert [m.alias for m in (await inference.list_models()).models] == ["chat", "embed"]
             with pytest.raises(ModelNotFoundError):  # outside its allow-list: as if absent
@@ -118,6 +124,8 @@ async def test_scopes_over_grpc(tmp_path: Path, tiny_chat: Path, tiny_embed: Pat
             )
             with pytest.raises(PermissionDeniedError):
                 await generate(monitor)
+            with pytest.raises(PermissionDeniedError):
+                await monitor.complete("chat", PROMPT)
             with pytest.raises(PermissionDeniedError):
                 await monitor.unload("chat")
 
@@ -152,17 +160,23 @@ async def test_rate_limit_refuses_with_retry_after(
             await generate(other)
 
 
+@pytest.mark.parametrize("call", ["generate", "complete"])
 async def test_token_rate_limit_refuses_with_retry_after(
-    tmp_path: Path, tiny_chat: Path, tiny_embed: Path
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path, call: str
 ) -> None:
     settings = keyed_settings(tmp_path, tiny_chat, tiny_embed)
     async with running_router(settings) as (router, _):
         async with RouterClient(f"127.0.0.1:{router.port}", api_key=KEYS["tokens"]) as client:
             body = {"messages": MESSAGES, "max_tokens": TOKENS_PER_MINUTE}
-            used = (await collect(client, body))[-1]
+            if call == "generate":
+                used = (await collect(client, body))[-1]
+            else:
+                used = (await client.complete("chat", body)).end
             assert isinstance(used, End) and used.usage.total_tokens > TOKENS_PER_MINUTE
             with pytest.raises(RateLimitError) as caught:
                 await collect(client, PROMPT)
+            with pytest.raises(RateLimitError):
+                await client.complete("chat", PROMPT)
             with pytest.raises(RateLimitError):
                 await client.embed("embed", ["hello"])
         assert caught.value.reason == "RATE_LIMITED" and "tokens" in str(caught.value)
