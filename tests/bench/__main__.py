@@ -594,6 +594,7 @@ def build_report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
             m = entry["median"]
             entry["vs_a"] = {
                 "tok_s_ratio": _ratio(m.get("tok_s"), base.get("tok_s")),
+                "tok_s_ratio_paired": _paired_ratio(entry["runs"], runs.get("a", [])),
                 "req_s_ratio": _ratio(m.get("req_s"), base.get("req_s")),
                 "ttft_p50_delta_ms": _delta(m.get("ttft_p50_ms"), base.get("ttft_p50_ms")),
             }
@@ -603,6 +604,20 @@ def build_report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
 
 def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
+
+
+def _paired_ratio(runs: list[dict[str, Any]], direct: list[dict[str, Any]]) -> float | None:
+    """The median over rounds of each round's tok/s ratio to (a) in the same round.
+
+    The machine's speed drifts (a shared VM: (a) alone has varied by 30% between rounds);
+    runs of one round are seconds apart, so their ratio cancels most of that drift.
+    """
+    ratios = [
+        ratio
+        for run, base in zip(runs, direct, strict=True)
+        if (ratio := _ratio(run.get("tok_s"), base.get("tok_s"))) is not None
+    ]
+    return median(ratios) if ratios else None
 
 
 def _delta(value: float | None, base: float | None) -> float | None:
@@ -618,7 +633,7 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
 def render(report: dict[str, Any]) -> str:
     head = (
         f"{'workload':<5} {'path':<17} {'tok/s':>7} {'req/s':>7} {'TTFT50':>8} {'TTFT99':>8} "
-        f"{'e2e50':>8} {'e2e99':>8} {'×tok/s':>7} {'×req/s':>7} {'+TTFT50':>8} "
+        f"{'e2e50':>8} {'e2e99':>8} {'×tok/s':>7} {'×paired':>7} {'+TTFT50':>8} "
         f"{'router CPU':>11} {'facade CPU':>11}"
     )
     lines = [head, "-" * len(head)]
@@ -639,13 +654,15 @@ def render(report: dict[str, Any]) -> str:
                 f"{_fmt(m.get('e2e_p50_ms'), '.1f'):>8} "
                 f"{_fmt(None if cold else m.get('e2e_p99_ms'), '.1f'):>8} "
                 f"{_fmt(None if cold else vs['tok_s_ratio'], '.3f'):>7} "
-                f"{_fmt(None if cold else vs['req_s_ratio'], '.3f'):>7} "
+                f"{_fmt(None if cold else vs['tok_s_ratio_paired'], '.3f'):>7} "
                 f"{_fmt(vs['ttft_p50_delta_ms'], '+.1f'):>8} "
                 f"{_fmt(None if cold else m.get('router_' + cpu_key), '.3f', unit):>11} "
                 f"{_fmt(None if cold else m.get('facade_' + cpu_key), '.3f', unit):>11}"
             )
     lines.append(
-        "times in ms (medians over rounds); ratios and +TTFT50 against (a); CPU per 1,000 "
+        "times in ms (medians over rounds); ratios and +TTFT50 against (a): ×tok/s of the "
+        "medians, ×paired the median of each round's ratio (req/s ratios are the same: a "
+        "workload's tokens per request are fixed); CPU per 1,000 "
         "streamed tokens (iii: per request) of the process itself, children excluded; (iv) for "
         "(a) is spawn -> first token of a fresh llama-server, for (b)/(c) request -> first token"
     )
