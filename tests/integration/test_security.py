@@ -209,10 +209,12 @@ async def test_leaving_a_stream_early_is_charged(
                     assert not isinstance(event, End)  # 4000 tokens take ~0.7 s or more
                     if isinstance(event, Chunk):
                         received += len(event.data)
-                        if how == "aclose" and received >= TOKENS_PER_MINUTE:
+                        # More than the bucket holds, so the key is in debt whatever the
+                        # refill meanwhile (exactly 10 left it at +0.02 on a busy first run).
+                        if how == "aclose" and received > TOKENS_PER_MINUTE:
                             break
             await events.aclose()
-            assert received >= TOKENS_PER_MINUTE
+            assert received > TOKENS_PER_MINUTE
             await wait_until(lambda: bucket.level <= 0, timeout=5)
             with pytest.raises(RateLimitError):
                 await collect(client, PROMPT)
