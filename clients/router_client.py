@@ -214,11 +214,7 @@ class RouterClient:
         `contextlib.aclosing()` when the iterator may outlive the loop.
         """
         request = inference_service_pb2.GenerateRequest(
-            model=model,
-            kind=_choice(_KINDS, "kind", kind),
-            body=body if isinstance(body, str) else json.dumps(body, separators=(",", ":")),
-            priority=_choice(_PRIORITIES, "priority", priority),
-            request_id=request_id or "",
+            **_generation(model, body, kind, priority, request_id)
         )
         return self._generate(request, timeout, self._call_metadata(metadata))
 
@@ -268,11 +264,7 @@ class RouterClient:
         `InvalidRequestError`. Cancelling the awaiting task cancels the call.
         """
         request = inference_service_pb2.CompleteRequest(
-            model=model,
-            kind=_choice(_KINDS, "kind", kind),
-            body=body if isinstance(body, str) else json.dumps(body, separators=(",", ":")),
-            priority=_choice(_PRIORITIES, "priority", priority),
-            request_id=request_id or "",
+            **_generation(model, body, kind, priority, request_id)
         )
         response = await self._unary(self._inference.Complete, request, timeout, metadata)
         return Completion(response.body, response.text, _end(response.end))
@@ -449,6 +441,23 @@ class RouterClient:
 
     def _call_metadata(self, extra: Sequence[tuple[str, str]]) -> Sequence[tuple[str, str]]:
         return (*self._metadata, *extra) if extra else self._metadata
+
+
+def _generation(
+    model: str,
+    body: Mapping[str, Any] | str,
+    kind: GenerateKind,
+    priority: Priority,
+    request_id: str | None,
+) -> dict[str, Any]:
+    """The fields GenerateRequest and CompleteRequest share (the same request either way)."""
+    return {
+        "model": model,
+        "kind": _choice(_KINDS, "kind", kind),
+        "body": body if isinstance(body, str) else json.dumps(body, separators=(",", ":")),
+        "priority": _choice(_PRIORITIES, "priority", priority),
+        "request_id": request_id or "",
+    }
 
 
 def _choice(table: Mapping[str, _T], name: str, value: str) -> _T:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import TypedDict
 
 from aiohttp import web
 
-from clients import Chunk, GenerateEvent, GenerateKind
+from clients import Chunk, GenerateEvent, GenerateKind, Priority
 from facade.context import call_metadata, priority, read_body, request_id
 from facade.errors import internal_error
 from facade.keys import CLIENT, STREAMS
@@ -37,30 +38,29 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "completion")
 
 
+class _CallOptions(TypedDict):
+    kind: GenerateKind
+    priority: Priority
+    request_id: str
+    metadata: Sequence[tuple[str, str]]
+
+
 async def _generate(request: web.Request, kind: GenerateKind) -> web.StreamResponse:
     parsed = parse_generation_request(await read_body(request), kind)
     client = request.app[CLIENT]
-    if not parsed.stream:
-        completion = await client.complete(
-            parsed.model,
-            parsed.body,
-            kind=kind,
-            priority=priority(request),
-            request_id=request_id(request),
-            metadata=call_metadata(request),
-        )
-        if not completion.body:
-            _LOGGER.error("the router answered a non-streamed call without a response")
-            raise internal_error()
-        return web.Response(text=completion.body, content_type="application/json")
-    events = client.generate(
-        parsed.model,
-        parsed.body,
+    options = _CallOptions(
         kind=kind,
         priority=priority(request),
         request_id=request_id(request),
         metadata=call_metadata(request),
     )
+    if not parsed.stream:
+        completion = await client.complete(parsed.model, parsed.body, **options)
+        if not completion.body:
+            _LOGGER.error("the router answered a non-streamed call without a response")
+            raise internal_error()
+        return web.Response(text=completion.body, content_type="application/json")
+    events = client.generate(parsed.model, parsed.body, **options)
     async with contextlib.aclosing(events):
         return await _stream(request, events)
 
