@@ -3,18 +3,25 @@
 A stream is read in batches (``EventReader``): each batch is every event that
 arrived since the last one, so when the router falls behind, or holds a stream
 back on purpose (see ``router.inference``), several upstream events travel in
-one gRPC message. Silence longer than ``request_timeout`` ends the request
-(aiohttp's ``sock_read`` timeout is exactly "no bytes for that long").
+one gRPC message. While a stream is held, its socket's low-water mark keeps
+the process asleep: llama-server's chunks wait in the kernel and are read in
+one go when the hold ends. Silence longer than ``request_timeout`` ends the
+request (aiohttp's ``sock_read`` timeout is exactly "no bytes for that long").
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import aiohttp
 
 from router.pool.process import CLOSE
+
+# Far more than a hold collects (~25 ms of tokens), and small enough (under half the default
+# receive buffer) that Linux does not grow the buffer for it.
+HOLD_LOW_WATER = 32 * 1024
 
 
 class UpstreamHTTPError(Exception):
@@ -67,7 +74,7 @@ class SSEParser:
 class EventReader:
     """The SSE payloads of one streamed response, in batches of whatever has arrived."""
 
-    __slots__ = ("_content", "_ended", "_parser", "_waiter")
+    __slots__ = ("_content", "_ended", "_parser", "_socket", "_waiter")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._content = response.content
@@ -75,6 +82,9 @@ class EventReader:
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
         self._content.on_eof(self._on_eof)
+        connection = response.connection
+        transport = connection.transport if connection is not None else None
+        self._socket = transport.get_extra_info("socket") if transport is not None else None
 
     def _on_eof(self) -> None:
         self._ended = True
@@ -112,11 +122,24 @@ class EventReader:
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
         timer = loop.call_later(seconds, _resolve, waiter)
+        self._set_low_water(HOLD_LOW_WATER)
         try:
             await waiter
         finally:
+            self._set_low_water(1)
             timer.cancel()
             self._waiter = None
+
+    def _set_low_water(self, size: int) -> None:
+        # While held, the socket reads as idle until HOLD_LOW_WATER bytes are in: the chunks
+        # llama-server writes meanwhile wait in the kernel instead of waking this process once
+        # each. Its end still wakes it (the kernel reports a closed connection as readable
+        # whatever the low-water mark), and lowering the mark again wakes it for what waits.
+        if self._socket is not None:
+            try:
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+            except OSError:
+                self._socket = None  # not supported here: holds just save fewer wake-ups
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

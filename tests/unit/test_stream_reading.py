@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpServer
 
 from router.inference import CHAT, COMPLETION, _Tally
+from router.pool.process import CLOSE
 from router.pool.upstream import EventReader, UpstreamBroken
 
 ENVELOPE = '"created":1,"id":"chatcmpl-x","model":"m","system_fingerprint":"b0","object":"o"'
@@ -81,7 +82,8 @@ async def stream_from(aiohttp_server: AiohttpServer) -> AsyncIterator[Callable[[
             app = web.Application()
             app.router.add_get("/", handler)
             server = await aiohttp_server(app)
-            response = await session.get(server.make_url("/"))
+            # As the router asks llama-server: the end of the response closes the connection.
+            response = await session.get(server.make_url("/"), headers=CLOSE)
             responses.append(response)
             return response
 
@@ -106,6 +108,37 @@ async def test_batches_hold_what_arrives_until_asked_and_the_end_cuts_the_hold_s
     # Held far beyond the stream's end: b and c come together once the response ends.
     assert await reader.batch(hold_until=started + 5.0) == [b"b", b"c"]
     assert time.monotonic() - started < 1.0
+    assert await reader.batch() == []
+
+
+async def test_what_arrives_during_a_hold_stays_in_the_kernel_until_it_ends(
+    stream_from: Callable[[Script], Any],
+) -> None:
+    go, written, finish = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def script(response: web.StreamResponse) -> None:
+        await response.write(b"data: a\n\n")
+        await go.wait()
+        await response.write(b"data: b\n\n")
+        await response.write(b"data: c\n\n")
+        written.set()
+        await finish.wait()
+        await response.write(b"data: [DONE]\n\n")
+
+    response = await stream_from(script)
+    reader = EventReader(response)
+    assert await reader.batch() == [b"a"]
+    received = response.content.total_bytes
+    held = asyncio.create_task(reader.batch(hold_until=time.monotonic() + 0.3))
+    await asyncio.sleep(0)  # the hold begins
+    go.set()
+    await written.wait()
+    await asyncio.sleep(0.1)  # loopback delivers in microseconds: they would be read by now
+    # The process was not woken for b and c (the low-water mark): nothing more was read.
+    assert not held.done()
+    assert response.content.total_bytes == received
+    assert await held == [b"b", b"c"]
+    finish.set()
     assert await reader.batch() == []
 
 
