@@ -309,12 +309,14 @@ async def test_a_disconnect_storm_leaves_no_busy_slot_and_no_waiter(
                 assert loaded.status == 200
 
             async def leave_early(index: int) -> None:
-                # Each leaves at its own moment: mid-stream for those with a slot, while queued
-                # for the others. Its own session: leaving closes its connection.
+                # Each leaves at its own moment: mid-stream (or mid-generation, not streamed)
+                # for those with a slot, while queued for the others. Its own session: leaving
+                # closes its connection.
+                stream = index % 2 == 0
                 async with aiohttp.ClientSession(running.base_url) as own:
 
                     async def read() -> None:
-                        async with own.post("/v1/chat/completions", json=chat(LONG, True)) as got:
+                        async with own.post("/v1/chat/completions", json=chat(LONG, stream)) as got:
                             await got.content.readuntil(b"\n\n")
                             await asyncio.sleep(10)
 

@@ -430,6 +430,7 @@ async def test_a_client_leaving_while_queued_cancels_the_call(facade: Facade) ->
         await asyncio.wait_for(facade.http.post("/v1/chat/completions", json=CHAT), 0.3)
 
     await asyncio.wait_for(facade.fake.cancelled.wait(), timeout=1)
+    assert facade.fake.cancelled_methods == ["Complete"]  # a non-streamed request's one call
 
 
 async def test_shutdown_ends_open_streams_with_an_error_frame(facade: Facade) -> None:
