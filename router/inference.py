@@ -225,7 +225,7 @@ async def _failure(error: Exception, lease: Lease, supervisor: Supervisor) -> Ro
 class Limits:
     max_messages: int = 4096
     max_embedding_inputs: int = 2048
-    stream_pacing_sec: float = 0.002  # per stream in flight; 0 = every read goes out at once
+    stream_pacing_sec: float = 0.004  # per stream in flight; 0 = every read goes out at once
 
 
 # llama-server reads the first of these that is present (measured: n_predict, then
