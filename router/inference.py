@@ -7,6 +7,8 @@ verbatim; only what is needed is read from them: the text, and from the few
 chunks that can carry them the finish reason and the usage. Leaving the
 generator early (the gRPC call was cancelled or its deadline passed) closes the
 upstream connection, which makes llama-server drop the task, and frees the slot.
+``complete`` runs a request that does not stream through the same path and
+returns its whole answer at once (the unary Complete RPC).
 """
 
 from __future__ import annotations
