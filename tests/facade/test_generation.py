@@ -209,6 +209,15 @@ async def test_a_non_streamed_answer_is_the_upstream_body_verbatim(facade: Facad
     assert await response.text() == RESPONSE
 
 
+async def test_an_empty_answer_from_the_router_is_a_500_not_an_empty_200(facade: Facade) -> None:
+    facade.fake.responses["Complete"] = inference_service_pb2.CompleteResponse()
+
+    response = await facade.http.post("/v1/chat/completions", json=CHAT)
+
+    assert response.status == 500
+    assert (await response.json())["error"]["message"] == "internal server error"
+
+
 async def test_the_body_reaches_the_router_unchanged(facade: Facade) -> None:
     facade.fake.generate_events = [chunk(RESPONSE), end()]
     body = (
