@@ -246,18 +246,17 @@ class TokenCharge:
             if response.HasField("chunk"):
                 self._pending += len(response.chunk.data)
             elif response.HasField("end"):
-                usage = response.end.usage
-                # Usage 0 = llama-server did not report it: keep the chunk count.
-                self._pending = usage.prompt_tokens + usage.completion_tokens or self._pending
-                self.settle()
+                self._settle_end(response.end, unreported=self._pending)  # the chunk count
         elif isinstance(response, inference_service_pb2.CompleteResponse):
-            usage = response.end.usage
-            # Usage 0 = not reported: one unit, as a non-streamed Generate's one chunk.
-            self._pending = usage.prompt_tokens + usage.completion_tokens or 1
-            self.settle()
+            self._settle_end(response.end, unreported=1)  # as a non-streamed Generate's chunk
         elif isinstance(response, inference_service_pb2.EmbedResponse):
             self._pending = response.usage.prompt_tokens
             self.settle()
+
+    def _settle_end(self, end: inference_service_pb2.End, unreported: int) -> None:
+        """Charge a finished call's usage; usage 0 means llama-server did not report it."""
+        self._pending = end.usage.prompt_tokens + end.usage.completion_tokens or unreported
+        self.settle()
 
     def settle(self) -> None:
         """Charge what is counted and not yet charged (safe to call any number of times)."""

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
+from router.config import SystemConfig
 from router.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -223,11 +224,19 @@ async def _failure(error: Exception, lease: Lease, supervisor: Supervisor) -> Ro
     return upstream_error(error, lease, supervisor)
 
 
+_DEFAULTS = SystemConfig()  # the configuration's defaults are the one source of these
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_messages: int = 4096
-    max_embedding_inputs: int = 2048
-    stream_pacing_sec: float = 0.004  # per stream in flight; 0 = every read goes out at once
+    max_messages: int = _DEFAULTS.max_messages
+    max_embedding_inputs: int = _DEFAULTS.max_embedding_inputs
+    # Per stream in flight; 0 = every read goes out at once.
+    stream_pacing_sec: float = _DEFAULTS.stream_pacing_ms / 1000
+
+    @classmethod
+    def of(cls, system: SystemConfig) -> Limits:
+        return cls(system.max_messages, system.max_embedding_inputs, system.stream_pacing_ms / 1000)
 
 
 # llama-server reads the first of these that is present (measured: n_predict, then

@@ -107,11 +107,7 @@ class Router:
         self.engine = Engine(
             self.pool,
             (self.metrics, self.summary),
-            Limits(
-                settings.system.max_messages,
-                settings.system.max_embedding_inputs,
-                settings.system.stream_pacing_ms / 1000,
-            ),
+            Limits.of(settings.system),
         )
         self.authenticator = Authenticator(settings.auth.api_keys)
         # grpc-stubs does not describe grpc_health's asyncio servicer.
