@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["children", "open_fds", "rss_bytes"]
+__all__ = ["children", "command_line", "environment", "open_fds", "rss_bytes"]
 
 
 def rss_bytes(pid: int) -> int:
@@ -28,3 +28,15 @@ def children(pid: int) -> list[int]:
         text = (task / "children").read_text()
         found += [int(child) for child in text.split()]
     return found
+
+
+def command_line(pid: int) -> list[str]:
+    """The argv `pid` runs with."""
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [arg.decode() for arg in raw.split(b"\0")[:-1]]
+
+
+def environment(pid: int) -> list[str]:
+    """The environment `pid` started with, as NAME=value strings."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return [item.decode() for item in raw.split(b"\0") if item]

@@ -2,11 +2,16 @@
 
 It takes llama-server's own flag names, so the router can start it exactly like a real
 `llama-server` binary. The HTTP routes are llama.cpp's own server code running inside this process.
+
+With the one argument `--flags-from-stdin` it is a spare (see `router.pool.launcher`): it starts,
+imports the wheel, and only then reads its flags, one JSON array of strings on a line of stdin.
+End of input before that line means the router no longer needs it: it exits with status 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import xllamacpp as xlc
+
+from router.pool.command import FLAGS_FROM_STDIN
 
 POOLING = {
     "none": xlc.llama_pooling_type.LLAMA_POOLING_TYPE_NONE,
@@ -225,8 +232,26 @@ def serve(plan: LaunchPlan) -> NoReturn:
     os._exit(0)
 
 
+def flags_from_stdin() -> list[str]:
+    """A spare's flags: one JSON array of strings on the first line of stdin."""
+    line = sys.stdin.readline()
+    if not line:
+        os._exit(0)  # the router went away, or stopped its spare, before giving it a model
+    try:
+        flags = json.loads(line)
+    except ValueError:
+        flags = None
+    if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
+        _say(f"error: {FLAGS_FROM_STDIN} expects one JSON array of strings on a line")
+        os._exit(2)
+    return flags
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    serve(build_params(sys.argv[1:] if argv is None else argv))
+    flags = list(sys.argv[1:] if argv is None else argv)
+    if flags == [FLAGS_FROM_STDIN]:
+        flags = flags_from_stdin()
+    serve(build_params(flags))
 
 
 if __name__ == "__main__":

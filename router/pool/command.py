@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EMBEDDED_SERVER: tuple[str, ...] = (sys.executable, "-m", "router.embedded")
+# The embedded server's one argument for a spare: its flags come later, on stdin.
+FLAGS_FROM_STDIN = "--flags-from-stdin"
 
 
 @dataclass(frozen=True, slots=True)

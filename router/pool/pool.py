@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -24,6 +25,7 @@ from router.config import ModelConfig, Settings
 from router.errors import DeadlineExceeded, ModelNotFound, Unavailable
 from router.pool.command import EMBEDDED_SERVER, LaunchSpec
 from router.pool.health import LivenessMonitor
+from router.pool.launcher import Launcher
 from router.pool.registry import ChildRegistry
 from router.pool.snapshot import LoadStage, ModelKind, ModelSnapshot
 from router.pool.state import ModelState
@@ -99,6 +101,8 @@ class Pool:
         self._room_changed: asyncio.Future[None] | None = None
         self._pending: list[Supervisor] = []  # loads waiting for room, oldest first
         self._background = BackgroundTasks()
+        self._setpriv = shutil.which("setpriv")
+        self.launcher = Launcher(self._setpriv, self._spare_env())
         system = settings.system
         self.liveness = LivenessMonitor(
             self.supervisors,
@@ -135,16 +139,16 @@ class Pool:
         self._probe_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True)
         )
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
+        if self._setpriv is None:
             _LOGGER.warning("setpriv not found: children will not die with the router")
+        self.launcher.replenish()
         context = PoolContext(
             session=self._session,
             probe_session=self._probe_session,
             registry=self._registry,
             admission=self,
             publish=self._publish,
-            setpriv=setpriv,
+            launcher=self.launcher,
             log_ring_lines=system.log_ring_lines,
             on_suspect=self.liveness.suspect,
             measure_memory=self.inventory.process_memory_mib,
@@ -161,6 +165,17 @@ class Pool:
             )
         self.spawn(self.liveness.run(self._probe_session), name="liveness")
         self.spawn(self._estimate_all(), name="estimates")
+
+    def _spare_env(self) -> dict[str, str] | None:
+        """The environment of the spare launcher, None when none is worth keeping: only the
+        embedded server has one, and only in CPU mode (see router.pool.launcher)."""
+        embedded = any(
+            launch_spec(alias, model, self.settings).server == EMBEDDED_SERVER
+            for alias, model in self.settings.models.items()
+        )
+        if not (self.settings.system.spare_launcher and embedded and self.inventory.cpu_mode):
+            return None
+        return dict(os.environ)  # what a child without env of its own gets (PoolContext)
 
     async def _estimate_all(self) -> None:
         for supervisor in self._supervisors.values():
@@ -224,6 +239,7 @@ class Pool:
         await asyncio.gather(
             *(sup.shutdown() for sup in self._supervisors.values()), return_exceptions=True
         )
+        await self.launcher.close()
         for session in (self._session, self._probe_session):
             if session is not None:
                 await session.close()

@@ -29,7 +29,7 @@ from router.errors import (
     RouterError,
     Unavailable,
 )
-from router.pool.command import LaunchSpec, build_command, with_death_signal
+from router.pool.command import LaunchSpec, build_command
 from router.pool.failures import (
     LOAD_TIMED_OUT,
     MODEL_FILE_MISSING,
@@ -38,6 +38,7 @@ from router.pool.failures import (
     FailureKind,
     classify_exit,
 )
+from router.pool.launcher import Launcher
 from router.pool.process import ChildExited, ChildProcess, LogRing, ReadyTimeout, free_port
 from router.pool.registry import ChildRegistry
 from router.pool.snapshot import LoadStage, ModelKind, ModelSnapshot
@@ -122,7 +123,7 @@ class PoolContext:
     registry: ChildRegistry
     admission: Admission
     publish: Callable[[ModelSnapshot], None]
-    setpriv: str | None
+    launcher: Launcher
     log_ring_lines: int
     on_suspect: Callable[[Supervisor], None]
     measure_memory: Callable[[int], int | None]
@@ -474,9 +475,7 @@ class Supervisor:
             port = free_port()
             api_key, key_file = await asyncio.to_thread(self._ctx.registry.new_api_key, self.alias)
             self._key_file = str(key_file)
-            argv = with_death_signal(
-                build_command(spec, port=port, api_key_file=key_file), self._ctx.setpriv
-            )
+            command = build_command(spec, port=port, api_key_file=key_file)
             self._transition(S.STARTING)
             self.set_stage(LoadStage.SPAWNING)
             started = time.monotonic()
@@ -484,9 +483,10 @@ class Supervisor:
             # Everything from the spawn on is inside the try: a cancellation (a forced unload)
             # at any await must stop the child and leave STARTING, or the model stays STARTING
             # for good with its room released (and its child running, if it had one).
+            launcher = self._ctx.launcher
             try:
-                child = await ChildProcess.spawn(
-                    argv, port=port, env=env, log=self.log, name=self.alias
+                child = await launcher.launch(
+                    command, port=port, env=env, log=self.log, name=self.alias
                 )
                 self._child = child
                 await asyncio.to_thread(self._ctx.registry.record, self.alias, child.pid)
@@ -505,6 +505,8 @@ class Supervisor:
             except BaseException:
                 await asyncio.shield(self._discard_child(stop=True))
                 raise
+            finally:
+                launcher.replenish()  # the next spare starts once this load is over
             self._upstream = Upstream(
                 self._ctx.session, port, api_key, self.settings.request_timeout_sec
             )

@@ -65,7 +65,9 @@ def stack(
 ) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("fidelity")
     models = {"chat": chat_model(tiny_chat, parallel_override=2), "embed": embed_model(tiny_embed)}
-    with running_stack(directory, models) as running:
+    # No spare launcher: the reference server copies a child's command line from /proc, and a
+    # child that was the spare got its flags on stdin (its command line does not show them).
+    with running_stack(directory, models, system={"spare_launcher": False}) as running:
         yield running
 
 

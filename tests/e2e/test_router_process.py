@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from router.pool.command import FLAGS_FROM_STDIN
 from router.pool.registry import ChildRegistry
+from tests import procfs
 from tests.helpers import (
     REPO,
     chat_model,
@@ -105,9 +107,11 @@ def test_sigterm_stops_gracefully_and_reaps_children(tmp_path: Path, tiny_chat: 
         while not (child := model_pid(port, "chat")) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert child and pid_alive(child)
+        spare = _spare_of(process.pid, child)
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
         assert not pid_alive(child)
+        assert not pid_alive(spare)
 
 
 def _start(config: Path, port: int) -> subprocess.Popen[bytes]:
@@ -128,6 +132,21 @@ def _loaded_child(port: int) -> int:
     return pid
 
 
+def _spare_of(router: int, child: int) -> int:
+    """The spare launcher the router starts once its child's load is over."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        spares = [
+            pid
+            for pid in procfs.children(router)
+            if pid != child and procfs.command_line(pid)[-1] == FLAGS_FROM_STDIN
+        ]
+        if spares:
+            return spares[0]
+        time.sleep(0.05)
+    raise AssertionError("no spare launcher started")
+
+
 def test_router_sigkill_leaves_no_child_and_instances_stay_apart(
     tmp_path: Path, tiny_chat: Path
 ) -> None:
@@ -141,14 +160,16 @@ def test_router_sigkill_leaves_no_child_and_instances_stay_apart(
     try:
         processes = [_start(config, port) for config, port in zip(configs, ports, strict=True)]
         children = [_loaded_child(port) for port in ports]
+        spare = _spare_of(processes[0].pid, children[0])
         processes[0].kill()  # SIGKILL: no cleanup code runs in the router
         processes[0].wait(5)
         if processes[0].stderr is not None:
             processes[0].stderr.close()
         deadline = time.monotonic() + 10
-        while pid_alive(children[0]) and time.monotonic() < deadline:
+        while (pid_alive(children[0]) or pid_alive(spare)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not pid_alive(children[0]), "the child outlived its router"
+        assert not pid_alive(spare), "the spare launcher outlived its router"
         assert pid_alive(children[1]), "the other instance's child was touched"
         processes[0] = _start(configs[0], ports[0])
         assert pid_alive(children[1])
