@@ -12,7 +12,10 @@ request (aiohttp's ``sock_read`` timeout is exactly "no bytes for that long").
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
+import sys
+import termios
 import time
 
 import aiohttp
@@ -22,6 +25,9 @@ from router.pool.process import CLOSE
 # Far more than a hold collects (~25 ms of tokens), and small enough (under half the default
 # receive buffer) that Linux does not grow the buffer for it.
 HOLD_LOW_WATER = 32 * 1024
+# Loop turns a batch waits, after a hold, for the transport to take in what the kernel held
+# (one is enough unless aiohttp has paused reading: a bound, not a tuning knob).
+_TAKE_IN_TURNS = 4
 
 
 class UpstreamHTTPError(Exception):
@@ -106,6 +112,7 @@ class EventReader:
             delay = hold_until - time.monotonic()
             if delay > 0 and not self._ended:
                 await self._hold(delay)
+                await self._take_in_held()
             while True:
                 data = content.read_nowait() or await content.readany()
                 if not data:
@@ -129,6 +136,25 @@ class EventReader:
             self._set_low_water(1)
             timer.cancel()
             self._waiter = None
+
+    async def _take_in_held(self) -> None:
+        # What arrived during the hold is still in the kernel. With the mark back at 1 the
+        # socket reads as ready, and the transport takes the bytes in on a coming loop turn;
+        # wait for that, or this batch would leave them for the next one (a hold later).
+        for _ in range(_TAKE_IN_TURNS):
+            if self._ended or self._unread() == 0:
+                return
+            await asyncio.sleep(0)
+
+    def _unread(self) -> int:
+        """Bytes waiting in the kernel for this socket (0 when unknown)."""
+        if self._socket is None:
+            return 0
+        try:
+            answer = fcntl.ioctl(self._socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int.from_bytes(answer, sys.byteorder)
 
     def _set_low_water(self, size: int) -> None:
         # While held, the socket reads as idle until HOLD_LOW_WATER bytes are in: the chunks

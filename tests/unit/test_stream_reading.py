@@ -16,6 +16,7 @@ from aiohttp.pytest_plugin import AiohttpServer
 from router.inference import CHAT, COMPLETION, _Tally
 from router.pool.process import CLOSE
 from router.pool.upstream import EventReader, UpstreamBroken
+from tests.helpers import wait_until
 
 ENVELOPE = '"created":1,"id":"chatcmpl-x","model":"m","system_fingerprint":"b0","object":"o"'
 CHAT_CHUNKS = [
@@ -138,6 +139,39 @@ async def test_what_arrives_during_a_hold_stays_in_the_kernel_until_it_ends(
     assert not held.done()
     assert response.content.total_bytes == received
     assert await held == [b"b", b"c"]
+    finish.set()
+    assert await reader.batch() == []
+
+
+async def test_a_held_batch_has_what_waited_in_the_kernel_and_what_was_read_before(
+    stream_from: Callable[[Script], Any],
+) -> None:
+    x_written, go, written, finish = (asyncio.Event() for _ in range(4))
+
+    async def script(response: web.StreamResponse) -> None:
+        await response.write(b"data: a\n\n")
+        await x_written.wait()
+        await response.write(b"data: x\n\n")
+        await go.wait()
+        await response.write(b"data: b\n\n")
+        await response.write(b"data: c\n\n")
+        written.set()
+        await finish.wait()
+        await response.write(b"data: [DONE]\n\n")
+
+    response = await stream_from(script)
+    reader = EventReader(response)
+    assert await reader.batch() == [b"a"]
+    received = response.content.total_bytes
+    x_written.set()
+    # x is read by the transport before the hold begins.
+    await wait_until(lambda: response.content.total_bytes > received, 5, step=0.001)
+    held = asyncio.create_task(reader.batch(hold_until=time.monotonic() + 0.2))
+    await asyncio.sleep(0)  # the hold begins
+    go.set()
+    await written.wait()
+    # Without taking in what the kernel held, this batch would be [x] and b, c the next one's.
+    assert await held == [b"x", b"b", b"c"]
     finish.set()
     assert await reader.batch() == []
 
