@@ -241,7 +241,10 @@ class RouterClient:
                         loading = response.loading
                         yield Loading(_LOAD_STAGES.get(loading.stage, ""), loading.elapsed_sec)
                     elif event == "end":
-                        yield _end(response.end)
+                        end = response.end
+                        if end.HasField("chunk"):  # the last chunks ride with the end
+                            yield Chunk(end.chunk.data, end.chunk.text)
+                        yield _end(end)
         finally:
             # A no-op once the call has ended; otherwise the consumer stopped early.
             call.cancel()

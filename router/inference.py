@@ -2,7 +2,8 @@
 
 ``generate`` yields, in order: queue positions and load stages while waiting,
 then batches of upstream chunks as they are read (paced, see
-``system.stream_pacing_ms``), then one ``Done``. Chunks are llama-server's JSON
+``system.stream_pacing_ms``), then one ``Done`` (which carries the last batch
+when that batch ended the response). Chunks are llama-server's JSON
 verbatim; only what is needed is read from them: the text, and from the few
 chunks that can carry them the finish reason and the usage. Leaving the
 generator early (the gRPC call was cancelled or its deadline passed) closes the
@@ -108,6 +109,9 @@ class Done:
     finish_reason: str
     usage: Usage
     timing: Timing
+    # A stream's last chunks when they came with its end: they travel with Done, one gRPC
+    # message less per stream (see End.chunk).
+    last: Chunks | None = None
 
 
 GenerateEvent = Queued | Loading | Chunks | Done
@@ -446,6 +450,7 @@ class Engine:
         tally = _Tally()
         path = _PATHS[kind]
         encoded = body.encode()
+        last: Chunks | None = None
         try:
             if stream:
                 response = await lease.upstream.open_stream(path, encoded)
@@ -453,10 +458,14 @@ class Engine:
                 try:
                     if lease.abort_error is not None:
                         raise lease.abort_error
-                    events = self._stream(EventReader(response), kind, tally, outcome)
+                    reader = EventReader(response)
+                    events = self._stream(reader, kind, tally, outcome)
                     async with contextlib.aclosing(events):
                         async for event in events:
-                            yield event
+                            if reader.finished:
+                                last = event  # it goes with Done
+                            else:
+                                yield event
                 finally:
                     response.close()
             else:
@@ -490,6 +499,7 @@ class Engine:
                 ttft_ms=outcome.ttft * 1000,
                 total_ms=(time.monotonic() - outcome.started) * 1000,
             ),
+            last,
         )
 
     async def _stream(

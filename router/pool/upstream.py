@@ -92,6 +92,11 @@ class EventReader:
         transport = connection.transport if connection is not None else None
         self._socket = transport.get_extra_info("socket") if transport is not None else None
 
+    @property
+    def finished(self) -> bool:
+        """Whether [DONE] has been read: the last batch has been returned."""
+        return self._parser.done
+
     def _on_eof(self) -> None:
         self._ended = True
         if self._waiter is not None and not self._waiter.done():

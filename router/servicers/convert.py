@@ -122,7 +122,7 @@ def status_event_to_pb(event: StatusEvent) -> mpb.WatchModelsResponse:
 
 def generate_event_to_pb(event: GenerateEvent) -> ipb.GenerateResponse:
     if isinstance(event, Chunks):
-        return ipb.GenerateResponse(chunk=ipb.Chunk(data=event.data, text=event.text))
+        return ipb.GenerateResponse(chunk=chunks_to_pb(event))
     if isinstance(event, Queued):
         return ipb.GenerateResponse(
             queued=ipb.Queued(position=event.position, queue_length=event.queue_length)
@@ -134,9 +134,14 @@ def generate_event_to_pb(event: GenerateEvent) -> ipb.GenerateResponse:
     return ipb.GenerateResponse(end=done_to_pb(event))
 
 
+def chunks_to_pb(chunks: Chunks) -> ipb.Chunk:
+    return ipb.Chunk(data=chunks.data, text=chunks.text)
+
+
 def done_to_pb(done: Done) -> ipb.End:
     usage, timing = done.usage, done.timing
     return ipb.End(
+        chunk=None if done.last is None else chunks_to_pb(done.last),
         finish_reason=done.finish_reason,
         usage=ipb.Usage(
             prompt_tokens=usage.prompt_tokens,

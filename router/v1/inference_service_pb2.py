@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from router.v1 import model_pb2 as router_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!router/v1/inference_service.proto\x12\trouter.v1\x1a\x15router/v1/model.proto\"\xb8\x01\n\x0fGenerateRequest\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x17.router.v1.GenerateKindR\x04kind\x12\x12\n\x04\x62ody\x18\x03 \x01(\tR\x04\x62ody\x12/\n\x08priority\x18\x04 \x01(\x0e\x32\x13.router.v1.PriorityR\x08priority\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\"\xc6\x01\n\x10GenerateResponse\x12+\n\x06queued\x18\x01 \x01(\x0b\x32\x11.router.v1.QueuedH\x00R\x06queued\x12.\n\x07loading\x18\x02 \x01(\x0b\x32\x12.router.v1.LoadingH\x00R\x07loading\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x10.router.v1.ChunkH\x00R\x05\x63hunk\x12\"\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x0e.router.v1.EndH\x00R\x03\x65ndB\x07\n\x05\x65vent\"G\n\x06Queued\x12\x1a\n\x08position\x18\x01 \x01(\x05R\x08position\x12!\n\x0cqueue_length\x18\x02 \x01(\x05R\x0bqueueLength\"V\n\x07Loading\x12*\n\x05stage\x18\x01 \x01(\x0e\x32\x14.router.v1.LoadStageR\x05stage\x12\x1f\n\x0b\x65lapsed_sec\x18\x02 \x01(\x01R\nelapsedSec\"/\n\x05\x43hunk\x12\x12\n\x04\x64\x61ta\x18\x01 \x03(\tR\x04\x64\x61ta\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\"}\n\x03\x45nd\x12#\n\rfinish_reason\x18\x01 \x01(\tR\x0c\x66inishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x10.router.v1.UsageR\x05usage\x12)\n\x06timing\x18\x03 \x01(\x0b\x32\x11.router.v1.TimingR\x06timing\"\xb8\x01\n\x0f\x43ompleteRequest\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x17.router.v1.GenerateKindR\x04kind\x12\x12\n\x04\x62ody\x18\x03 \x01(\tR\x04\x62ody\x12/\n\x08priority\x18\x04 \x01(\x0e\x32\x13.router.v1.PriorityR\x08priority\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\"\\\n\x10\x43ompleteResponse\x12\x12\n\x04\x62ody\x18\x01 \x01(\tR\x04\x62ody\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x0e.router.v1.EndR\x03\x65nd\"\xa1\x01\n\x05Usage\x12#\n\rprompt_tokens\x18\x01 \x01(\x05R\x0cpromptTokens\x12+\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05R\x10\x63ompletionTokens\x12!\n\x0ctotal_tokens\x18\x03 \x01(\x05R\x0btotalTokens\x12#\n\rcached_tokens\x18\x04 \x01(\x05R\x0c\x63\x61\x63hedTokens\"p\n\x06Timing\x12\x19\n\x08queue_ms\x18\x01 \x01(\x01R\x07queueMs\x12\x17\n\x07load_ms\x18\x02 \x01(\x01R\x06loadMs\x12\x17\n\x07ttft_ms\x18\x03 \x01(\x01R\x06ttftMs\x12\x19\n\x08total_ms\x18\x04 \x01(\x01R\x07totalMs\"\xc4\x01\n\x0c\x45mbedRequest\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n\x06inputs\x18\x02 \x03(\tR\x06inputs\x12\x36\n\x0ctoken_inputs\x18\x03 \x03(\x0b\x32\x13.router.v1.TokenIdsR\x0btokenInputs\x12/\n\x08priority\x18\x04 \x01(\x0e\x32\x13.router.v1.PriorityR\x08priority\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\"\x1c\n\x08TokenIds\x12\x10\n\x03ids\x18\x01 \x03(\x05R\x03ids\"m\n\rEmbedResponse\x12\x34\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.router.v1.EmbeddingR\nembeddings\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x10.router.v1.UsageR\x05usage\"9\n\tEmbedding\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12\x16\n\x06values\x18\x02 \x03(\x02R\x06values*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*c\n\x0cGenerateKind\x12\x1d\n\x19GENERATE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12GENERATE_KIND_CHAT\x10\x01\x12\x1c\n\x18GENERATE_KIND_COMPLETION\x10\x02\x32\xda\x01\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1a.router.v1.GenerateRequest\x1a\x1b.router.v1.GenerateResponse0\x01\x12\x43\n\x08\x43omplete\x12\x1a.router.v1.CompleteRequest\x1a\x1b.router.v1.CompleteResponse\x12:\n\x05\x45mbed\x12\x17.router.v1.EmbedRequest\x1a\x18.router.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!router/v1/inference_service.proto\x12\trouter.v1\x1a\x15router/v1/model.proto\"\xb8\x01\n\x0fGenerateRequest\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x17.router.v1.GenerateKindR\x04kind\x12\x12\n\x04\x62ody\x18\x03 \x01(\tR\x04\x62ody\x12/\n\x08priority\x18\x04 \x01(\x0e\x32\x13.router.v1.PriorityR\x08priority\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\"\xc6\x01\n\x10GenerateResponse\x12+\n\x06queued\x18\x01 \x01(\x0b\x32\x11.router.v1.QueuedH\x00R\x06queued\x12.\n\x07loading\x18\x02 \x01(\x0b\x32\x12.router.v1.LoadingH\x00R\x07loading\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x10.router.v1.ChunkH\x00R\x05\x63hunk\x12\"\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x0e.router.v1.EndH\x00R\x03\x65ndB\x07\n\x05\x65vent\"G\n\x06Queued\x12\x1a\n\x08position\x18\x01 \x01(\x05R\x08position\x12!\n\x0cqueue_length\x18\x02 \x01(\x05R\x0bqueueLength\"V\n\x07Loading\x12*\n\x05stage\x18\x01 \x01(\x0e\x32\x14.router.v1.LoadStageR\x05stage\x12\x1f\n\x0b\x65lapsed_sec\x18\x02 \x01(\x01R\nelapsedSec\"/\n\x05\x43hunk\x12\x12\n\x04\x64\x61ta\x18\x01 \x03(\tR\x04\x64\x61ta\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\"\xa5\x01\n\x03\x45nd\x12#\n\rfinish_reason\x18\x01 \x01(\tR\x0c\x66inishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x10.router.v1.UsageR\x05usage\x12)\n\x06timing\x18\x03 \x01(\x0b\x32\x11.router.v1.TimingR\x06timing\x12&\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x10.router.v1.ChunkR\x05\x63hunk\"\xb8\x01\n\x0f\x43ompleteRequest\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x17.router.v1.GenerateKindR\x04kind\x12\x12\n\x04\x62ody\x18\x03 \x01(\tR\x04\x62ody\x12/\n\x08priority\x18\x04 \x01(\x0e\x32\x13.router.v1.PriorityR\x08priority\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\"\\\n\x10\x43ompleteResponse\x12\x12\n\x04\x62ody\x18\x01 \x01(\tR\x04\x62ody\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x0e.router.v1.EndR\x03\x65nd\"\xa1\x01\n\x05Usage\x12#\n\rprompt_tokens\x18\x01 \x01(\x05R\x0cpromptTokens\x12+\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05R\x10\x63ompletionTokens\x12!\n\x0ctotal_tokens\x18\x03 \x01(\x05R\x0btotalTokens\x12#\n\rcached_tokens\x18\x04 \x01(\x05R\x0c\x63\x61\x63hedTokens\"p\n\x06Timing\x12\x19\n\x08queue_ms\x18\x01 \x01(\x01R\x07queueMs\x12\x17\n\x07load_ms\x18\x02 \x01(\x01R\x06loadMs\x12\x17\n\x07ttft_ms\x18\x03 \x01(\x01R\x06ttftMs\x12\x19\n\x08total_ms\x18\x04 \x01(\x01R\x07totalMs\"\xc4\x01\n\x0c\x45mbedRequest\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n\x06inputs\x18\x02 \x03(\tR\x06inputs\x12\x36\n\x0ctoken_inputs\x18\x03 \x03(\x0b\x32\x13.router.v1.TokenIdsR\x0btokenInputs\x12/\n\x08priority\x18\x04 \x01(\x0e\x32\x13.router.v1.PriorityR\x08priority\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\"\x1c\n\x08TokenIds\x12\x10\n\x03ids\x18\x01 \x03(\x05R\x03ids\"m\n\rEmbedResponse\x12\x34\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.router.v1.EmbeddingR\nembeddings\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x10.router.v1.UsageR\x05usage\"9\n\tEmbedding\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12\x16\n\x06values\x18\x02 \x03(\x02R\x06values*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*c\n\x0cGenerateKind\x12\x1d\n\x19GENERATE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12GENERATE_KIND_CHAT\x10\x01\x12\x1c\n\x18GENERATE_KIND_COMPLETION\x10\x02\x32\xda\x01\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1a.router.v1.GenerateRequest\x1a\x1b.router.v1.GenerateResponse0\x01\x12\x43\n\x08\x43omplete\x12\x1a.router.v1.CompleteRequest\x1a\x1b.router.v1.CompleteResponse\x12:\n\x05\x45mbed\x12\x17.router.v1.EmbedRequest\x1a\x18.router.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'router.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1754
-  _globals['_PRIORITY']._serialized_end=1848
-  _globals['_GENERATEKIND']._serialized_start=1850
-  _globals['_GENERATEKIND']._serialized_end=1949
+  _globals['_PRIORITY']._serialized_start=1795
+  _globals['_PRIORITY']._serialized_end=1889
+  _globals['_GENERATEKIND']._serialized_start=1891
+  _globals['_GENERATEKIND']._serialized_end=1990
   _globals['_GENERATEREQUEST']._serialized_start=72
   _globals['_GENERATEREQUEST']._serialized_end=256
   _globals['_GENERATERESPONSE']._serialized_start=259
@@ -46,24 +46,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADING']._serialized_end=618
   _globals['_CHUNK']._serialized_start=620
   _globals['_CHUNK']._serialized_end=667
-  _globals['_END']._serialized_start=669
-  _globals['_END']._serialized_end=794
-  _globals['_COMPLETEREQUEST']._serialized_start=797
-  _globals['_COMPLETEREQUEST']._serialized_end=981
-  _globals['_COMPLETERESPONSE']._serialized_start=983
-  _globals['_COMPLETERESPONSE']._serialized_end=1075
-  _globals['_USAGE']._serialized_start=1078
-  _globals['_USAGE']._serialized_end=1239
-  _globals['_TIMING']._serialized_start=1241
-  _globals['_TIMING']._serialized_end=1353
-  _globals['_EMBEDREQUEST']._serialized_start=1356
-  _globals['_EMBEDREQUEST']._serialized_end=1552
-  _globals['_TOKENIDS']._serialized_start=1554
-  _globals['_TOKENIDS']._serialized_end=1582
-  _globals['_EMBEDRESPONSE']._serialized_start=1584
-  _globals['_EMBEDRESPONSE']._serialized_end=1693
-  _globals['_EMBEDDING']._serialized_start=1695
-  _globals['_EMBEDDING']._serialized_end=1752
-  _globals['_INFERENCESERVICE']._serialized_start=1952
-  _globals['_INFERENCESERVICE']._serialized_end=2170
+  _globals['_END']._serialized_start=670
+  _globals['_END']._serialized_end=835
+  _globals['_COMPLETEREQUEST']._serialized_start=838
+  _globals['_COMPLETEREQUEST']._serialized_end=1022
+  _globals['_COMPLETERESPONSE']._serialized_start=1024
+  _globals['_COMPLETERESPONSE']._serialized_end=1116
+  _globals['_USAGE']._serialized_start=1119
+  _globals['_USAGE']._serialized_end=1280
+  _globals['_TIMING']._serialized_start=1282
+  _globals['_TIMING']._serialized_end=1394
+  _globals['_EMBEDREQUEST']._serialized_start=1397
+  _globals['_EMBEDREQUEST']._serialized_end=1593
+  _globals['_TOKENIDS']._serialized_start=1595
+  _globals['_TOKENIDS']._serialized_end=1623
+  _globals['_EMBEDRESPONSE']._serialized_start=1625
+  _globals['_EMBEDRESPONSE']._serialized_end=1734
+  _globals['_EMBEDDING']._serialized_start=1736
+  _globals['_EMBEDDING']._serialized_end=1793
+  _globals['_INFERENCESERVICE']._serialized_start=1993
+  _globals['_INFERENCESERVICE']._serialized_end=2211
 # @@protoc_insertion_point(module_scope)

@@ -249,6 +249,7 @@ class End(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
     finish_reason: _builtins.str
     """finish_reason is the OpenAI finish reason ("stop", "length", "tool_calls"...)."""
     @_builtins.property
@@ -259,16 +260,25 @@ class End(_message.Message):
     def timing(self) -> Global___Timing:
         """timing splits the request's latency into phases."""
 
+    @_builtins.property
+    def chunk(self) -> Global___Chunk:
+        """chunk, in a Generate stream, holds the last upstream chunks when they arrived with the
+        end of the response: they ride here instead of in a chunk event of their own (one
+        message less per stream). They come after every chunk event's, and RouterClient
+        yields them as a Chunk before the End. Unset in Complete and when nothing was left.
+        """
+
     def __init__(
         self,
         *,
         finish_reason: _builtins.str = ...,
         usage: Global___Usage | None = ...,
         timing: Global___Timing | None = ...,
+        chunk: Global___Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "finish_reason", b"finish_reason", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

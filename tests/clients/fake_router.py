@@ -398,10 +398,13 @@ def end(
     *,
     usage: inference_service_pb2.Usage | None = None,
     timing: inference_service_pb2.Timing | None = None,
+    chunk: inference_service_pb2.Chunk | None = None,
 ) -> inference_service_pb2.GenerateResponse:
-    """A Generate `end` event."""
+    """A Generate `end` event (with `chunk`: the last chunks riding with it)."""
     return inference_service_pb2.GenerateResponse(
-        end=inference_service_pb2.End(finish_reason=finish_reason, usage=usage, timing=timing)
+        end=inference_service_pb2.End(
+            finish_reason=finish_reason, usage=usage, timing=timing, chunk=chunk
+        )
     )
 
 

@@ -107,6 +107,23 @@ async def test_generate_yields_typed_events_in_order(
     ]
 
 
+async def test_the_last_chunks_riding_with_the_end_come_as_a_chunk_before_it(
+    router: tuple[FakeRouter, RouterClient],
+) -> None:
+    fake, client = router
+    last = inference_service_pb2.Chunk(data=['{"id":"c2"}', '{"id":"c3"}'], text="lo")
+    fake.generate_events = [chunk('{"id":"c1"}', text="Hel"), end("length", chunk=last)]
+
+    events = [event async for event in client.generate("chat", CHAT_BODY)]
+
+    assert events[:2] == [
+        Chunk(data=['{"id":"c1"}'], text="Hel"),
+        Chunk(data=['{"id":"c2"}', '{"id":"c3"}'], text="lo"),
+    ]
+    assert isinstance(events[2], End) and events[2].finish_reason == "length"
+    assert len(events) == 3
+
+
 async def test_generate_sends_the_request(router: tuple[FakeRouter, RouterClient]) -> None:
     fake, client = router
 

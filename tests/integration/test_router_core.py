@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from clients import (
@@ -23,6 +24,8 @@ from clients import (
     UnavailableError,
 )
 from clients.errors import InvalidRequestError, WrongModelKindError
+from router.v1 import inference_service_pb2 as ipb
+from router.v1 import inference_service_pb2_grpc
 from router.v1 import model_control_service_pb2 as mpb
 from tests.helpers import (
     chat_model,
@@ -61,6 +64,29 @@ async def test_generate_streams_chunks_then_end_with_usage(tmp_path: Path, tiny_
     assert all(item["object"] == "chat.completion.chunk" for item in data)
     text = "".join(c.text for c in chunks)
     assert text.strip() and text.isascii()
+
+
+async def test_the_last_chunks_ride_with_the_end(tmp_path: Path, tiny_chat: Path) -> None:
+    body = {**PROMPT, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
+    request = ipb.GenerateRequest(model="chat", kind=ipb.GENERATE_KIND_CHAT, body=json.dumps(body))
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat)})
+    async with (
+        running_router(settings) as (_, client),
+        grpc.aio.insecure_channel(client.target) as channel,
+    ):
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        responses = [response async for response in stub.Generate(request)]
+    *before, last = responses
+    assert last.WhichOneof("event") == "end"
+    events = [event for event in before if event.WhichOneof("event") == "chunk"]
+    assert {event.WhichOneof("event") for event in before} <= {"queued", "loading", "chunk"}
+    # The batch that held [DONE] is in End: at least the finish chunk and the usage chunk.
+    ending = [json.loads(item) for item in last.end.chunk.data]
+    assert ending[-1]["usage"]["completion_tokens"] == 8
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in ending)
+    streamed = [json.loads(item) for event in events for item in event.chunk.data]
+    assert len(streamed) + len(ending) >= 8 + 3  # role, 8 tokens, finish, usage
+    assert last.end.usage.completion_tokens == 8
 
 
 async def test_non_stream_returns_one_complete_response(tmp_path: Path, tiny_chat: Path) -> None:
