@@ -359,7 +359,7 @@ class SystemConfig(_ConfigModel):
     memory_budget_mib: Int | None = Field(None, gt=0)
     simulated_gpus: list[SimulatedGpu] | None = Field(None, min_length=1)
     max_embedding_inputs: Int = Field(2048, ge=1, le=100_000)
-    stream_pacing_ms: Float = Field(8.0, ge=0, le=25)  # per stream in flight; 0 = no pacing
+    stream_pacing_ms: Float = Field(4.0, ge=0, le=25)  # per stream in flight; 0 = no pacing
     max_messages: Int = Field(4096, ge=1, le=100_000)
     spare_launcher: bool = True  # keep one embedded launcher started ahead of the next load
 
