@@ -102,6 +102,7 @@ class Pool:
         self._pending: list[Supervisor] = []  # loads waiting for room, oldest first
         self._background = BackgroundTasks()
         self._setpriv = shutil.which("setpriv")
+        self._base_env = dict(os.environ)  # what every child starts from
         self.launcher = Launcher(self._setpriv, self._spare_env())
         system = settings.system
         self.liveness = LivenessMonitor(
@@ -149,6 +150,7 @@ class Pool:
             admission=self,
             publish=self._publish,
             launcher=self.launcher,
+            base_env=self._base_env,
             log_ring_lines=system.log_ring_lines,
             on_suspect=self.liveness.suspect,
             measure_memory=self.inventory.process_memory_mib,
@@ -175,7 +177,7 @@ class Pool:
         )
         if not (self.settings.system.spare_launcher and embedded and self.inventory.cpu_mode):
             return None
-        return dict(os.environ)  # what a child without env of its own gets (PoolContext)
+        return self._base_env  # what a child without env of its own gets
 
     async def _estimate_all(self) -> None:
         for supervisor in self._supervisors.values():

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -128,7 +128,7 @@ class PoolContext:
     on_suspect: Callable[[Supervisor], None]
     measure_memory: Callable[[int], int | None]
     events: ModelEvents
-    base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    base_env: Mapping[str, str]  # the environment every child starts from
 
 
 class LoadError(Exception):
