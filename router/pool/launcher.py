@@ -51,7 +51,7 @@ class Launcher:
         self, command: Sequence[str], *, port: int, env: Mapping[str, str], log: LogRing, name: str
     ) -> ChildProcess:
         """Start ``command`` as a child: the spare if it can serve it, else a new process."""
-        process = await self._adopt(command, env)
+        process = self._adopt(command, env)
         if process is None:
             argv = with_death_signal(command, self._setpriv)
             return await ChildProcess.spawn(argv, port=port, env=env, log=log, name=name)
@@ -79,9 +79,11 @@ class Launcher:
         if spare is not None:
             await _stop(spare)
 
-    async def _adopt(
+    def _adopt(
         self, command: Sequence[str], env: Mapping[str, str]
     ) -> asyncio.subprocess.Process | None:
+        # No await in here: a cancellation (a forced unload) must not find the spare given
+        # its flags but not yet the caller's child, which nothing would then stop.
         spare = self._spare
         if (
             spare is None
@@ -93,13 +95,12 @@ class Launcher:
         self._spare = None
         stdin = spare.stdin
         assert stdin is not None
-        try:
-            stdin.write(json.dumps(list(command[len(EMBEDDED_SERVER) :])).encode() + b"\n")
-            await stdin.drain()
-            stdin.close()
-        except (BrokenPipeError, ConnectionResetError):  # it died just now: start a new one
-            await _stop(spare)
+        # One short line: the pipe takes it whole at once (or the transport keeps the rest).
+        stdin.write(json.dumps(list(command[len(EMBEDDED_SERVER) :])).encode() + b"\n")
+        if stdin.is_closing():  # the write failed: it died just now; start a new process
+            self._tasks.spawn(_stop(spare), "spare-stop")
             return None
+        stdin.close()
         return spare
 
     async def _start_spare(self, env: dict[str, str]) -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from clients import End, RouterClient
-from router.pool.command import FLAGS_FROM_STDIN
+from router.pool.command import EMBEDDED_SERVER, FLAGS_FROM_STDIN
+from router.pool.launcher import Launcher
+from router.pool.process import LogRing
 from router.server import Router
 from tests.helpers import REPO, chat_model, pid_alive, running_router, settings_for, wait_until
 from tests.procfs import children, command_line, environment
@@ -136,3 +138,31 @@ def test_a_spare_given_bad_flags_fails_like_llama_server() -> None:
     done = spare_process(b'["-m", "x.gguf", "--no-such-flag"]\n')
     assert done.returncode == 2
     assert b"unrecognized arguments: --no-such-flag" in done.stderr
+
+
+async def test_a_spare_that_cannot_take_its_flags_is_stopped_and_a_new_process_started(
+    tmp_path: Path,
+) -> None:
+    launcher = Launcher(None, dict(os.environ))
+    # A stand-in spare that is alive but reads nothing: writing its flags fails (EPIPE).
+    spare = await asyncio.create_subprocess_exec(
+        "sh", "-c", "exec 0<&-; exec sleep 30", stdin=asyncio.subprocess.PIPE
+    )
+    await wait_until(lambda: not Path(f"/proc/{spare.pid}/fd/0").exists(), EVENTUALLY)
+    launcher._spare = spare
+    try:
+        child = await launcher.launch(
+            [*EMBEDDED_SERVER, "--no-such-flag"],
+            port=0,
+            env=dict(os.environ),
+            log=LogRing(10),
+            name="t",
+        )
+        assert child.pid != spare.pid and launcher.spare_pid is None
+        assert await asyncio.wait_for(child.exited, EVENTUALLY) == 2  # it did start: bad flags
+        assert await asyncio.wait_for(spare.wait(), EVENTUALLY) != 0  # stopped, not left idle
+    finally:
+        if spare.returncode is None:
+            spare.kill()
+            await spare.wait()
+        await launcher.close()
