@@ -65,6 +65,22 @@ def test_text_that_is_no_json_string_is_an_error(text: str) -> None:
 
 
 Script = Callable[[web.StreamResponse], Coroutine[Any, Any, None]]
+DONE = b"data: [DONE]\n\n"
+
+
+def script_of(*steps: bytes | asyncio.Event | Callable[[], None]) -> Script:
+    """A response body in steps: bytes are written, an Event is waited for, a callable called."""
+
+    async def script(response: web.StreamResponse) -> None:
+        for step in steps:
+            if isinstance(step, bytes):
+                await response.write(step)
+            elif isinstance(step, asyncio.Event):
+                await step.wait()
+            else:
+                step()
+
+    return script
 
 
 @pytest.fixture
@@ -116,16 +132,9 @@ async def test_what_arrives_during_a_hold_stays_in_the_kernel_until_it_ends(
     stream_from: Callable[[Script], Any],
 ) -> None:
     go, written, finish = asyncio.Event(), asyncio.Event(), asyncio.Event()
-
-    async def script(response: web.StreamResponse) -> None:
-        await response.write(b"data: a\n\n")
-        await go.wait()
-        await response.write(b"data: b\n\n")
-        await response.write(b"data: c\n\n")
-        written.set()
-        await finish.wait()
-        await response.write(b"data: [DONE]\n\n")
-
+    script = script_of(
+        b"data: a\n\n", go, b"data: b\n\n", b"data: c\n\n", written.set, finish, DONE
+    )
     response = await stream_from(script)
     reader = EventReader(response)
     assert await reader.batch() == [b"a"]
@@ -147,18 +156,10 @@ async def test_a_held_batch_has_what_waited_in_the_kernel_and_what_was_read_befo
     stream_from: Callable[[Script], Any],
 ) -> None:
     x_written, go, written, finish = (asyncio.Event() for _ in range(4))
-
-    async def script(response: web.StreamResponse) -> None:
-        await response.write(b"data: a\n\n")
-        await x_written.wait()
-        await response.write(b"data: x\n\n")
-        await go.wait()
-        await response.write(b"data: b\n\n")
-        await response.write(b"data: c\n\n")
-        written.set()
-        await finish.wait()
-        await response.write(b"data: [DONE]\n\n")
-
+    script = script_of(
+        b"data: a\n\n", x_written, b"data: x\n\n", go, b"data: b\n\n", b"data: c\n\n",
+        written.set, finish, DONE,
+    )  # fmt: skip
     response = await stream_from(script)
     reader = EventReader(response)
     assert await reader.batch() == [b"a"]
