@@ -73,7 +73,10 @@ def test_non_finite_or_negative_durations_are_refused_and_the_router_keeps_worki
                 model="m", kind=ipb.GENERATE_KIND_CHAT, body=json.dumps({**body, "stream": True})
             )
             stream = igrpc.InferenceServiceStub(channel).Generate(generate, timeout=CALL_TIMEOUT)
-            events = [response.WhichOneof("event") for response in stream]
-            assert events[-1] == "end" and "chunk" in events
+            *events, end = list(stream)
+            assert end.WhichOneof("event") == "end"
+            # The output arrives in chunk events and the last of it with the end (End.chunk).
+            chunks = [event.chunk for event in events if event.HasField("chunk")] + [end.end.chunk]
+            assert sum(len(chunk.data) for chunk in chunks) >= 5
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
