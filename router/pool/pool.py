@@ -169,10 +169,10 @@ class Pool:
         self.spawn(self._estimate_all(), name="estimates")
 
     def _spare_env(self) -> dict[str, str] | None:
-        """The environment of the spare launcher, None when none is worth keeping: only the
-        embedded server has one, and only in CPU mode (see router.pool.launcher)."""
+        """The environment of the spare launcher, None when none is worth keeping: in CPU mode,
+        for a model on the embedded server without env of its own (see router.pool.launcher)."""
         embedded = any(
-            launch_spec(alias, model, self.settings).server == EMBEDDED_SERVER
+            launch_spec(alias, model, self.settings).server == EMBEDDED_SERVER and not model.env
             for alias, model in self.settings.models.items()
         )
         if not (self.settings.system.spare_launcher and embedded and self.inventory.cpu_mode):

@@ -68,7 +68,8 @@ async def test_a_model_with_an_environment_of_its_own_starts_afresh(
     tmp_path: Path, tiny_chat: Path
 ) -> None:
     model = {**chat_model(tiny_chat), "env": {"ROUTERMODEL_TEST_MARK": "1"}}
-    settings = settings_for(tmp_path, {"chat": model})
+    # The plain model is why a spare is kept; the one with an environment cannot use it.
+    settings = settings_for(tmp_path, {"chat": model, "plain": chat_model(tiny_chat)})
     async with running_router(settings) as (router, client):
         spare = await spare_of(router)
 
@@ -79,6 +80,15 @@ async def test_a_model_with_an_environment_of_its_own_starts_afresh(
         assert "ROUTERMODEL_TEST_MARK=1" in environment(loaded.pid)
         assert router.pool.launcher.spare_pid == spare and pid_alive(spare)
         assert await serves(client, "chat")
+
+
+async def test_no_spare_when_no_model_could_use_one(tmp_path: Path, tiny_chat: Path) -> None:
+    model = {**chat_model(tiny_chat), "env": {"ROUTERMODEL_TEST_MARK": "1"}}
+    settings = settings_for(tmp_path, {"chat": model})
+    async with running_router(settings) as (router, client):
+        loaded = await client.load("chat", wait=True)
+        assert router.pool.launcher.spare_pid is None
+        assert children(os.getpid()) == [loaded.pid]
 
 
 async def test_a_spare_that_died_is_not_used_and_not_replaced(

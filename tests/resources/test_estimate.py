@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import selectors
 import subprocess
 import sys
 import time
@@ -87,27 +89,39 @@ def reported_sizes(model: Path, n_ctx: int, slots: int, timeout: float) -> tuple
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
     )
-    lines: list[str] = []
+    text = ""
     try:
         assert process.stderr is not None
         deadline = time.monotonic() + timeout
-        for line in process.stderr:
-            lines.append(line)
-            if "listening on" in line or time.monotonic() > deadline:
-                break
+        # llama.cpp logs from its own thread: the KV line may come after "listening on", so
+        # read (unbuffered) until both sizes are in, never blocking past the deadline.
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stderr, selectors.EVENT_READ)
+            while not all(_sizes(text)):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    break
+                data = os.read(process.stderr.fileno(), 65536)
+                if not data:
+                    break
+                text += data.decode("utf-8", "replace")
     finally:
         process.kill()
         process.wait()
         if process.stderr is not None:
             process.stderr.close()
-    text = "".join(lines)
+    weights, kv = _sizes(text)
+    assert weights and kv, text[-2000:]
+    return weights, kv
+
+
+def _sizes(text: str) -> tuple[float, float]:
+    """(weights, kv) in MiB from llama.cpp's load log; 0 for what is not in it yet."""
     weights = sum(
         float(m) for m in re.findall(r"CPU_Mapped model buffer size =\s+([\d.]+) MiB", text)
     )
     kv = sum(float(m) for m in re.findall(r"KV buffer size =\s+([\d.]+) MiB", text))
-    assert weights and kv, text[-2000:]
     return weights, kv
 
 
