@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["children", "command_line", "environment", "open_fds", "rss_bytes"]
+from router.pool.command import FLAGS_FROM_STDIN
+
+__all__ = [
+    "children",
+    "command_line",
+    "environment",
+    "launchers_from_stdin",
+    "open_fds",
+    "rss_bytes",
+]
 
 
 def rss_bytes(pid: int) -> int:
@@ -40,3 +49,8 @@ def environment(pid: int) -> list[str]:
     """The environment `pid` started with, as NAME=value strings."""
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return [item.decode() for item in raw.split(b"\0") if item]
+
+
+def launchers_from_stdin(pid: int) -> list[int]:
+    """The children of `pid` started as spare launchers (idle, or adopted since by a model)."""
+    return [child for child in children(pid) if command_line(child)[-1] == FLAGS_FROM_STDIN]

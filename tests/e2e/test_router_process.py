@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from router.pool.command import FLAGS_FROM_STDIN
 from router.pool.registry import ChildRegistry
 from tests import procfs
 from tests.helpers import (
@@ -137,11 +136,7 @@ def _spare_of(router: int, child: int) -> int:
     """The spare launcher the router starts once its child's load is over."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        spares = [
-            pid
-            for pid in procfs.children(router)
-            if pid != child and procfs.command_line(pid)[-1] == FLAGS_FROM_STDIN
-        ]
+        spares = [pid for pid in procfs.launchers_from_stdin(router) if pid != child]
         if spares:
             return spares[0]
         time.sleep(0.05)

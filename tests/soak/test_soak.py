@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from router.pool.command import FLAGS_FROM_STDIN
 from tests.e2e.stack import facade_process
 from tests.helpers import chat_model, embed_model, free_port, router_process, write_config
-from tests.procfs import children, command_line
+from tests.procfs import children, launchers_from_stdin
 from tests.soak.driver import Ledger, canonical_fds, quiesce, router_requests, settle, soak
 
 SEED = 20_251_125
@@ -69,7 +68,7 @@ async def run_soak(
         print("\n" + ledger.report(window))
         # Every model's child stopped, none orphaned: at most the idle spare launcher is left.
         left = children(router.pid)
-        assert len(left) <= 1 and all(command_line(c)[-1] == FLAGS_FROM_STDIN for c in left)
+        assert len(left) <= 1 and left == launchers_from_stdin(router.pid)
     summary = stats["summary"]
     assert summary["total_queued"] == summary["total_processing"] == 0
     assert all(
