@@ -551,12 +551,18 @@ class Bench:
 
     def round(self, number: int, rounds: int, selected: Sequence[str]) -> None:
         started = time.monotonic()
+        # Each round starts with another target, so that none always runs first or last: the
+        # machine's speed drifts within a round too, and with a fixed order that drift can
+        # pass for a difference between targets (in one run, (d) with the same config as (c)
+        # came out 2-12 % apart from it, paired).
+        shift = (number - 1) % len(self.targets)
+        order = self.targets[shift:] + self.targets[:shift]
         for workload in WORKLOADS:
             if workload.key in selected:
-                for target in self.targets:
+                for target in order:
                     self.record(workload.key, target, self.measure(target, workload))
         if COLD.key in selected:
-            for target in self.targets:
+            for target in order:
                 self.record(COLD.key, target, self.cold(target))
             # The cold requests reloaded the models: warm the fresh children before the next round.
             self._measure_once("b", WARM_UP)
@@ -592,9 +598,11 @@ def build_report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
         base = per_target.get("a", {}).get("median", {})
         for entry in per_target.values():
             m = entry["median"]
+            paired = _paired_ratios(entry["runs"], runs.get("a", []))
             entry["vs_a"] = {
                 "tok_s_ratio": _ratio(m.get("tok_s"), base.get("tok_s")),
-                "tok_s_ratio_paired": _paired_ratio(entry["runs"], runs.get("a", [])),
+                "tok_s_ratio_paired": median(paired) if paired else None,
+                "tok_s_ratio_paired_range": [min(paired), max(paired)] if paired else None,
                 "req_s_ratio": _ratio(m.get("req_s"), base.get("req_s")),
                 "ttft_p50_delta_ms": _delta(m.get("ttft_p50_ms"), base.get("ttft_p50_ms")),
             }
@@ -606,18 +614,21 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
 
-def _paired_ratio(runs: list[dict[str, Any]], direct: list[dict[str, Any]]) -> float | None:
-    """The median over rounds of each round's tok/s ratio to (a) in the same round.
+def _paired_ratios(runs: list[dict[str, Any]], direct: list[dict[str, Any]]) -> list[float]:
+    """Each round's tok/s ratio to (a) in the same round.
 
     The machine's speed drifts (a shared VM: (a) alone has varied by 30% between rounds);
     runs of one round are seconds apart, so their ratio cancels most of that drift.
     """
-    ratios = [
+    return [
         ratio
         for run, base in zip(runs, direct, strict=True)
         if (ratio := _ratio(run.get("tok_s"), base.get("tok_s"))) is not None
     ]
-    return median(ratios) if ratios else None
+
+
+def _range(bounds: list[float] | None) -> str:
+    return "-" if bounds is None else f"{bounds[0]:.2f}–{bounds[1]:.2f}"
 
 
 def _delta(value: float | None, base: float | None) -> float | None:
@@ -633,7 +644,8 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
 def render(report: dict[str, Any]) -> str:
     head = (
         f"{'workload':<5} {'path':<17} {'tok/s':>7} {'req/s':>7} {'TTFT50':>8} {'TTFT99':>8} "
-        f"{'e2e50':>8} {'e2e99':>8} {'×tok/s':>7} {'×paired':>7} {'+TTFT50':>8} "
+        f"{'e2e50':>8} {'e2e99':>8} {'×tok/s':>7} {'×paired':>7} {'paired range':>12} "
+        f"{'+TTFT50':>8} "
         f"{'router CPU':>11} {'facade CPU':>11}"
     )
     lines = [head, "-" * len(head)]
@@ -655,13 +667,15 @@ def render(report: dict[str, Any]) -> str:
                 f"{_fmt(None if cold else m.get('e2e_p99_ms'), '.1f'):>8} "
                 f"{_fmt(None if cold else vs['tok_s_ratio'], '.3f'):>7} "
                 f"{_fmt(None if cold else vs['tok_s_ratio_paired'], '.3f'):>7} "
+                f"{'-' if cold else _range(vs['tok_s_ratio_paired_range']):>12} "
                 f"{_fmt(vs['ttft_p50_delta_ms'], '+.1f'):>8} "
                 f"{_fmt(None if cold else m.get('router_' + cpu_key), '.3f', unit):>11} "
                 f"{_fmt(None if cold else m.get('facade_' + cpu_key), '.3f', unit):>11}"
             )
     lines.append(
         "times in ms (medians over rounds); ratios and +TTFT50 against (a): ×tok/s of the "
-        "medians, ×paired the median of each round's ratio (req/s ratios are the same: a "
+        "medians, ×paired the median of each round's ratio, and the lowest and highest of "
+        "those (req/s ratios are the same: a "
         "workload's tokens per request are fixed); CPU per 1,000 "
         "streamed tokens (iii: per request) of the process itself, children excluded; (iv) for "
         "(a) is spawn -> first token of a fresh llama-server, for (b)/(c) request -> first token"
