@@ -151,12 +151,20 @@ class EventReader:
                 return
             await asyncio.sleep(0)
 
+    def _open_fd(self) -> int | None:
+        """The socket's descriptor; None if unknown or closed (a response that ended)."""
+        if self._socket is None:
+            return None
+        fd = self._socket.fileno()
+        return fd if fd >= 0 else None
+
     def _unread(self) -> int:
         """Bytes waiting in the kernel for this socket (0 when unknown)."""
-        if self._socket is None:
+        fd = self._open_fd()
+        if fd is None:
             return 0
         try:
-            answer = fcntl.ioctl(self._socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            answer = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
         except OSError:
             return 0
         return int.from_bytes(answer, sys.byteorder)
@@ -166,7 +174,7 @@ class EventReader:
         # llama-server writes meanwhile wait in the kernel instead of waking this process once
         # each. Its end still wakes it (the kernel reports a closed connection as readable
         # whatever the low-water mark), and lowering the mark again wakes it for what waits.
-        if self._socket is not None:
+        if self._socket is not None and self._open_fd() is not None:
             try:
                 self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
             except OSError:
