@@ -3,7 +3,8 @@
 One tiny chat model, one llama-server configuration (`-np 8 -c 8192 -t 1`, unified KV cache:
 the router's own argv for that model is reused for the direct server), loopback only. A
 separate load-generator process (`tests.bench.loadgen`) drives every run; runs are interleaved
-(a, b, c for each workload, round after round) and each figure is the median over the rounds.
+(each round runs every target once per workload, starting with the next target each time) and
+each figure is the median over the rounds.
 CPU per 1,000 streamed tokens is read from /proc/<pid>/stat (utime + stime) of the router and
 facade processes themselves, not their children.
 
@@ -389,6 +390,21 @@ class Bench:
         return Stack(router, facade, grpc_port, http_port)
 
     def setup(self) -> None:
+        self.start_direct()
+        self.stacks["c"] = self._start_stack("plain")
+        if self.tracing:
+            self.sink = SpanSink()
+            traced = {"telemetry": {"otlp_endpoint": f"http://127.0.0.1:{self.sink.port}"}}
+            self.stacks["d"] = self._start_stack("traced", traced)
+        elif self.compare is not None:
+            self.stacks["d"] = self._start_stack("variant", self.compare)
+        for stack in self.stacks.values():
+            wait_http(f"http://127.0.0.1:{stack.http_port}/health", stack.facade)
+            asyncio.run(self._admin(stack, "load"))
+        self.start_loadgen()
+
+    def start_direct(self) -> None:
+        """Start (a), the llama-server alone, and wait for it to answer."""
         config_path, _, _ = self._write_config("plain")
         settings = load_settings(config_path, env={})
         self.direct_port = free_port()
@@ -402,17 +418,9 @@ class Bench:
         print("llama-server argv:", " ".join(self.direct_argv[3:]), flush=True)
 
         self.direct = direct = self.procs.start("direct", self.direct_argv)
-        self.stacks["c"] = self._start_stack("plain")
-        if self.tracing:
-            self.sink = SpanSink()
-            traced = {"telemetry": {"otlp_endpoint": f"http://127.0.0.1:{self.sink.port}"}}
-            self.stacks["d"] = self._start_stack("traced", traced)
-        elif self.compare is not None:
-            self.stacks["d"] = self._start_stack("variant", self.compare)
         wait_http(f"http://127.0.0.1:{self.direct_port}/health", direct)
-        for stack in self.stacks.values():
-            wait_http(f"http://127.0.0.1:{stack.http_port}/health", stack.facade)
-            asyncio.run(self._admin(stack, "load"))
+
+    def start_loadgen(self) -> None:
         self.loadgen = LoadGen(
             self.procs.start(
                 "loadgen",
@@ -438,9 +446,6 @@ class Bench:
             "concurrency": workload.concurrency,
             "requests": workload.requests,
         }
-        stack = self._stack_for(target)
-        if target == "b":
-            return {**base, "via": "grpc", "target": f"127.0.0.1:{stack.grpc_port}"}
         if target == "a":
             headers = {"Authorization": f"Bearer {self.key}"}
             if workload.stream:  # llama-server closes every streamed connection anyway
@@ -452,6 +457,9 @@ class Bench:
             # requests in 5.2 s instead of 0.2 s). Requests beyond the slots would only queue
             # inside llama-server anyway.
             return {**base, "via": "http", "target": url, "headers": headers, "in_flight": SLOTS}
+        stack = self._stack_for(target)
+        if target == "b":
+            return {**base, "via": "grpc", "target": f"127.0.0.1:{stack.grpc_port}"}
         url = f"http://127.0.0.1:{stack.http_port}/v1/chat/completions"
         return {**base, "via": "http", "target": url}
 
@@ -495,17 +503,17 @@ class Bench:
 
     def _measure_once(self, target: str, workload: Workload) -> dict[str, Any]:
         assert self.loadgen is not None
-        stack = self._stack_for(target)
-        watched = {"router": stack.router, "facade": stack.facade, "loadgen": self.loadgen.process}
+        watched = {"loadgen": self.loadgen.process}
+        if target != "a":
+            stack = self._stack_for(target)
+            watched["router"] = stack.router
+            if target != "b":
+                watched["facade"] = stack.facade
         before = {name: p.cpu_seconds() for name, p in watched.items()}
         llama_before = self._llama_cpu_seconds(target)
         result = self.loadgen.call(self.command(target, workload))
         cpu = {name: p.cpu_seconds() - before[name] for name, p in watched.items()}
         cpu["llama"] = self._llama_cpu_seconds(target) - llama_before
-        if target == "a":
-            del cpu["router"], cpu["facade"]
-        elif target == "b":
-            del cpu["facade"]
         for error in result["errors"][:3]:
             print(f"  ! ({target}) {workload.key}: {error}", file=sys.stderr)
         return summarize(result, cpu)
