@@ -21,6 +21,26 @@ def detached_task(coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
     return contextvars.Context().run(asyncio.create_task, coro, name=name)
 
 
+async def finish_before_cancel(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end even if the caller is cancelled meanwhile, then let the
+    cancellation through: cleanup that must not stop halfway, and that whoever cancelled the
+    caller may then rely on as done (``asyncio.shield`` alone returns at the cancellation and
+    leaves the work running unwatched)."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError()
+        return result
+
+
 class BackgroundTasks:
     """Fire-and-forget work that is still accounted for: each task stays referenced until it
     ends (an unreferenced task may be collected mid-run, its exception lost) and an error it

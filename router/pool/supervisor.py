@@ -47,7 +47,7 @@ from router.pool.ticket import Lease, Ticket, as_router_error
 from router.pool.upstream import Upstream
 from router.resources.estimate import MemoryEstimate, estimate_memory, read_gguf
 from router.scheduler.queue import Priority, SlotQueue
-from router.tasks import BackgroundTasks, detached_task
+from router.tasks import BackgroundTasks, detached_task, finish_before_cancel
 from router.v1 import errors_pb2
 
 _LOGGER = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ class Supervisor:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._stable_timer: asyncio.TimerHandle | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._drain_until = 0.0  # monotonic time when a running stop stops draining
         self._tasks = BackgroundTasks()
         self.device = ""
         self.created_at = 0.0  # the model file's mtime, set by the pool at start
@@ -381,8 +382,11 @@ class Supervisor:
             if task is not None:
                 waits.add(task)
             await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            if task is not None and task.done() and not task.cancelled() and task.exception():
-                raise as_router_error(task.exception())
+            if task is not None and task.done():
+                if task.cancelled():  # only an unload (or shutdown) cancels an explicit load
+                    raise _unloaded(self.alias)
+                if task.exception():
+                    raise as_router_error(task.exception())
             if self.state is S.FAILED:
                 raise self.circuit_error()
 
@@ -493,17 +497,20 @@ class Supervisor:
                 await child.wait_ready(
                     self._ctx.probe_session, self.settings.wait_ready_sec, self._on_loading
                 )
+            # Each cleanup runs to its end even if a forced unload cancels the load meanwhile
+            # (e.g. during the stop's grace period): the unload, waiting for the load to end,
+            # then finds the model STOPPED, its room released and its child gone.
             except ChildExited as exited:
                 failure = classify_exit(exited.returncode, self.log.tail(40))
-                await self._discard_child()
+                await finish_before_cancel(self._discard_child())
                 if failure.kind is FailureKind.PORT_CONFLICT:
                     continue
                 raise LoadError(failure) from None
             except ReadyTimeout:
-                await self._discard_child(stop=True)
+                await finish_before_cancel(self._discard_child(stop=True))
                 raise LoadError(LOAD_TIMED_OUT) from None
             except BaseException:
-                await asyncio.shield(self._discard_child(stop=True))
+                await finish_before_cancel(self._discard_child(stop=True))
                 raise
             finally:
                 launcher.replenish()  # the next spare starts once this load is over
@@ -701,27 +708,33 @@ class Supervisor:
         return True
 
     async def _stop(self, *, drain: float, error: RouterError | None) -> None:
+        drain_until = time.monotonic() + drain
         if self._stopping is None:
             # Leave READY now (capacity 0), not when the task first runs: in between, a
             # request would be granted a slot the stop then takes away.
             self._cancel_idle_timer()
             if self.state is S.READY:
                 self._transition(S.DRAINING)
-            self._stopping = detached_task(self._do_stop(drain, error), f"stop:{self.alias}")
-        try:
-            await asyncio.shield(self._stopping)
-        finally:
-            if self._stopping is not None and self._stopping.done():
-                self._stopping = None
+            self._drain_until = drain_until
+            self._stopping = stopping = detached_task(self._do_stop(error), f"stop:{self.alias}")
+            # Cleared by the stop itself, not by a caller that may be cancelled before it ends.
+            stopping.add_done_callback(self._stop_finished)
+        else:
+            # A stop already running drains no longer than this caller allows: a forced unload
+            # during a drain stops at once instead of waiting for the drain's timeout.
+            self._drain_until = min(self._drain_until, drain_until)
+        await asyncio.shield(self._stopping)
 
-    async def _do_stop(self, drain: float, error: RouterError | None) -> None:
+    def _stop_finished(self, task: asyncio.Task[None]) -> None:
+        if self._stopping is task:
+            self._stopping = None
+
+    async def _do_stop(self, error: RouterError | None) -> None:
         self._cancel_idle_timer()
         if self.state is S.READY:
             self._transition(S.DRAINING)
-        if drain > 0 and self.queue.running > 0:
-            deadline = time.monotonic() + drain
-            while self.queue.running > 0 and time.monotonic() < deadline:
-                await asyncio.wait({self.changed()}, timeout=min(0.05, deadline - time.monotonic()))
+        while self.queue.running > 0 and (left := self._drain_until - time.monotonic()) > 0:
+            await asyncio.wait({self.changed()}, timeout=min(0.05, left))
         for lease in list(self._leases):
             lease.abort(error or _unloaded(self.alias))
         child = self._child

@@ -1,0 +1,131 @@
+"""Unloads that meet a load or another stop halfway (fake llama-server children, real processes).
+
+Each case was found by reading the supervisor, and each failed before its fix:
+- a forced unload during a timed-out load's stop left the model STARTING, its room held and
+  its child running;
+- a stop whose caller was cancelled left the next stop with nothing to do;
+- a LoadModel waiting for a load that an unload cancelled waited out its whole timeout;
+- a forced unload during a draining unload waited for the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from clients import End, UnavailableError
+from router.pool.state import ModelState
+from tests.helpers import fake_server, pid_alive, running_router, settings_for, wait_until
+from tests.integration.test_pool_faults import PROMPT, drain
+
+
+def model_entry(tmp_path: Path, tiny_chat: Path, name: str) -> dict[str, object]:
+    """A model for the fake server; the router reads the real GGUF header for its estimate."""
+    path = tmp_path / f"{name}.gguf"
+    path.symlink_to(tiny_chat)
+    return {"model_path": str(path), "params": {"n_ctx": 131072}}
+
+
+async def test_a_forced_unload_during_a_timed_out_loads_stop_finishes_it(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"slow": model_entry(tmp_path, tiny_chat, "slow")},
+        system={
+            "llama_server_path": fake_server(tmp_path, "--load-delay 60 --ignore-sigterm"),
+            "wait_ready_sec": 0.5,
+            "stop_grace_sec": 4,
+            "model_load_max_retries": 0,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        supervisor = router.pool.get("slow")
+        await client.load("slow", wait=False)
+        await wait_until(lambda: supervisor.child is not None, 10)
+        pid = supervisor.child.pid  # type: ignore[union-attr]
+        # Readiness times out after 0.5 s; the child ignores the SIGTERM that follows, so the
+        # load is then in the 4 s grace before SIGKILL. The unload lands in that window.
+        await asyncio.sleep(1.5)
+        assert supervisor.state.value in ("starting", "loading")
+        await client.unload("slow", force=True)
+        assert supervisor.state is ModelState.STOPPED
+        assert not pid_alive(pid)
+        assert router.pool.reservations() == {}
+        await client.load("slow", wait=False)  # and it can load again
+        await wait_until(lambda: supervisor.child is not None, 10)
+
+
+async def test_a_stop_whose_caller_was_cancelled_does_not_swallow_the_next(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": model_entry(tmp_path, tiny_chat, "m")},
+        system={"llama_server_path": fake_server(tmp_path, "--token-delay 0.01")},
+    )
+    async with running_router(settings) as (router, client):
+        supervisor = router.pool.get("m")
+        await client.load("m")
+        running = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": 30}))
+        await wait_until(lambda: supervisor.in_flight == 1, 5)
+        caller = asyncio.create_task(supervisor.unload(force=False, drain_timeout=10))
+        await wait_until(lambda: supervisor.state is ModelState.DRAINING, 5)
+        caller.cancel()  # e.g. the admin's call hit its deadline; the stop goes on
+        assert isinstance((await running)[-1], End)
+        await wait_until(lambda: supervisor.state is ModelState.STOPPED, 5)
+
+        await client.load("m")
+        pid = supervisor.child.pid  # type: ignore[union-attr]
+        await client.unload("m")
+        assert supervisor.state is ModelState.STOPPED
+        assert not pid_alive(pid)
+
+
+async def test_a_waiting_load_fails_at_once_when_an_unload_cancels_it(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"slow": model_entry(tmp_path, tiny_chat, "slow")},
+        system={
+            "llama_server_path": fake_server(tmp_path, "--load-delay 60"),
+            "wait_ready_sec": 60,
+        },
+    )
+    async with running_router(settings) as (router, client):
+        supervisor = router.pool.get("slow")
+        waiting = asyncio.create_task(client.load("slow", timeout=30))
+        await wait_until(lambda: supervisor.child is not None, 10)
+        started = time.monotonic()
+        await client.unload("slow", force=True)
+        with pytest.raises(UnavailableError) as caught:
+            await asyncio.wait_for(waiting, 5)
+        assert caught.value.reason == "MODEL_UNLOADED"
+        assert time.monotonic() - started < 5
+
+
+async def test_a_forced_unload_cuts_a_running_drain_short(tmp_path: Path, tiny_chat: Path) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": model_entry(tmp_path, tiny_chat, "m")},
+        system={"llama_server_path": fake_server(tmp_path, "--token-delay 0.05")},
+    )
+    async with running_router(settings) as (router, client):
+        supervisor = router.pool.get("m")
+        await client.load("m")
+        running = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": 1000}))
+        await wait_until(lambda: supervisor.in_flight == 1, 5)
+        draining = asyncio.create_task(client.unload("m", drain_timeout=60))
+        await wait_until(lambda: supervisor.state is ModelState.DRAINING, 5)
+        started = time.monotonic()
+        await client.unload("m", force=True)
+        assert time.monotonic() - started < 5  # not the 60 s drain (1000 tokens take 50 s)
+        assert supervisor.state is ModelState.STOPPED
+        await asyncio.wait_for(draining, 5)
+        with pytest.raises(UnavailableError) as caught:
+            await running
+        assert caught.value.reason == "MODEL_UNLOADED"
