@@ -215,6 +215,10 @@ class Upstream:
         if response.status != 200:
             try:
                 payload = await response.read()
+            except asyncio.TimeoutError as error:
+                raise UpstreamTimeout() from error
+            except aiohttp.ClientError as error:  # the child died or hung mid-body
+                raise UpstreamBroken(str(error)) from error
             finally:
                 response.release()
             raise UpstreamHTTPError(response.status, payload)

@@ -15,7 +15,7 @@ from aiohttp.pytest_plugin import AiohttpServer
 
 from router.inference import CHAT, COMPLETION, _Tally
 from router.pool.process import CLOSE
-from router.pool.upstream import EventReader, UpstreamBroken
+from router.pool.upstream import EventReader, Upstream, UpstreamBroken
 from tests.helpers import wait_until
 
 ENVELOPE = '"created":1,"id":"chatcmpl-x","model":"m","system_fingerprint":"b0","object":"o"'
@@ -199,3 +199,25 @@ async def test_a_stream_ending_before_done_is_broken(stream_from: Callable[[Scri
     assert await reader.batch() == [b"a"]
     with pytest.raises(UpstreamBroken):
         await reader.batch(hold_until=time.monotonic() + 5.0)
+
+
+async def test_an_error_status_whose_body_breaks_off_is_a_broken_upstream() -> None:
+    """A child that dies mid-way through an error reply: UpstreamBroken, not aiohttp's own
+    error (which the router would report as an internal error)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 200\r\n\r\n{partial")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            upstream = Upstream(session, port, "key", request_timeout=5)
+            with pytest.raises(UpstreamBroken):
+                await upstream.open_stream("/v1/chat/completions", b"{}")
+    finally:
+        server.close()
+        await server.wait_closed()
