@@ -239,6 +239,9 @@ async def build_request(request: web.Request, binding: Binding) -> Message:
         _set_scalar(message, key, request.query.getall(key), f"query parameter '{key}'")
     resume = request.headers.get("Last-Event-ID")
     if resume is not None and _RESUME_FIELD in message.DESCRIPTOR.fields_by_name:
+        # Header bytes outside ASCII arrive as lone surrogates, which no protobuf string takes.
+        if not (resume.isascii() and resume.isprintable()):
+            raise ApiError(400, "the Last-Event-ID header must be printable ASCII")
         setattr(message, _RESUME_FIELD, resume)
     for name, field_path in binding.path_fields:
         _set_scalar(message, field_path, [request.match_info[name]], f"path segment '{name}'")

@@ -70,7 +70,11 @@ async def read_body(request: web.Request) -> str:
     limit = request.app[SETTINGS].api.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError:  # e.g. Content-Encoding: gzip on a body that is not gzip
+        message = "the request body cannot be read as sent (check Content-Encoding)"
+        raise ApiError(400, message) from None
     try:
         return raw.decode()
     except UnicodeDecodeError:

@@ -185,7 +185,11 @@ def _word(enum: Any, value: int) -> str:
     """An enum value as a lower-case word without its prefix: MODEL_STATE_READY → "ready".
     The prefix is the zero value's name minus "UNSPECIFIED" (every router.v1 enum has one)."""
     prefix = enum.Name(0).removesuffix("UNSPECIFIED")
-    return str(enum.Name(value)).removeprefix(prefix).lower()
+    try:
+        name = str(enum.Name(value))
+    except ValueError:  # a newer router's value: the stream goes on, as the typed client does
+        return "unknown"
+    return name.removeprefix(prefix).lower()
 
 
 async def status_file(request: web.Request) -> web.Response:

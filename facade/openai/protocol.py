@@ -66,6 +66,10 @@ def _json_object(text: str) -> dict[str, Any]:
         # json's C decoder recurses per array/object level and gives up at the interpreter's
         # recursion limit: e.g. `[` * 100000 is a client mistake (or probe), not a facade bug.
         raise _invalid("the request body is nested too deeply") from None
+    except ValueError:
+        # Python refuses to read an integer of more than 4,300 digits (a guard against
+        # quadratic conversion): also the client's to fix.
+        raise _invalid("the request body has an integer with too many digits") from None
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object")
     return body
@@ -77,7 +81,17 @@ def _model(body: dict[str, Any]) -> str:
         raise _invalid("you must provide a model parameter", "model")
     if not isinstance(model, str):
         raise _invalid("'model' must be a string", "model")
-    return model
+    return _text(model, "'model'", "model")
+
+
+def _text(value: str, what: str, param: str) -> str:
+    """`value` if it can travel as UTF-8: JSON's "\ud800" escape decodes to a lone surrogate,
+    which no protobuf string (nor llama-server) accepts."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise _invalid(f"{what} contains an unpaired UTF-16 surrogate", param) from None
+    return value
 
 
 def _stream(body: dict[str, Any]) -> bool:
@@ -176,7 +190,7 @@ def _inputs(value: object) -> list[str] | list[list[int]]:
     if all(isinstance(item, str) for item in value):
         if not all(value):
             raise _invalid("'input' must not contain empty strings", "input")
-        return value
+        return [_text(item, "'input'", "input") for item in value]
     if all(_is_token_id(item) for item in value):
         return [value]
     if all(isinstance(item, list) and item and all(map(_is_token_id, item)) for item in value):
