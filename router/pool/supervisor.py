@@ -46,7 +46,7 @@ from router.pool.state import LIVE_STATES, ModelState, check_transition
 from router.pool.ticket import Lease, Ticket, as_router_error
 from router.pool.upstream import Upstream
 from router.resources.estimate import MemoryEstimate, estimate_memory, read_gguf
-from router.scheduler.queue import Priority, SlotQueue
+from router.scheduler.queue import Outcome, Priority, SlotQueue
 from router.tasks import BackgroundTasks, detached_task, finish_before_cancel
 from router.v1 import errors_pb2
 
@@ -319,9 +319,9 @@ class Supervisor:
         self._last_used_wall = time.time()
         self.release_slot()
 
-    def release_slot(self) -> None:
-        """Give back a granted slot (its request ended, or its caller left before it started)."""
-        self.queue.release()
+    def release_slot(self, outcome: Outcome = "processed") -> None:
+        """Give back a granted slot: its request ended, or never started (``outcome``)."""
+        self.queue.release(outcome)
         if not self.busy:
             self._ctx.admission.notify()
             self._arm_idle_timer()

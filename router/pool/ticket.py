@@ -18,7 +18,7 @@ from router.errors import DeadlineExceeded, RouterError, Unavailable
 from router.pool.snapshot import LoadStage
 from router.pool.state import ModelState
 from router.pool.upstream import Upstream
-from router.scheduler.queue import Waiter
+from router.scheduler.queue import Outcome, Waiter
 from router.v1 import errors_pb2
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class Ticket:
         self._waiter = waiter
         self._lease: Lease | None = None
         self._closed = False
+        self._failure: RouterError | None = None  # what ended it before it could start
         self.load_wait_sec = 0.0
         self.queue_wait_sec = 0.0
 
@@ -80,11 +81,11 @@ class Ticket:
         while not waiter.granted.done():
             if awaited is not None and awaited.done():
                 if not awaited.cancelled() and awaited.exception() is not None:
-                    raise as_router_error(awaited.exception())
+                    raise self._failed(as_router_error(awaited.exception()))
                 awaited = None
             awaited = sup.ensure_loading() or awaited
             if awaited is None and sup.state is S.FAILED:
-                raise sup.circuit_error()
+                raise self._failed(sup.circuit_error())
             position = (sup.queue.position(waiter), sup.queue.waiting)
             if position != last_position and position[0] > 0:
                 last_position = position
@@ -106,7 +107,7 @@ class Ticket:
                 budget -= now - checkpoint
                 self.queue_wait_sec += now - checkpoint
                 if budget <= 0 and not waiter.granted.done():
-                    sup.queue.leave(waiter, timed_out=True)
+                    sup.queue.leave(waiter, "timed_out")
                     self._closed = True
                     sup.on_waiter_left()
                     raise DeadlineExceeded(
@@ -115,7 +116,10 @@ class Ticket:
                     )
             checkpoint = now
         waiter.granted.result()  # raises what fail_waiting set (forced unload, shutdown)
-        self._lease = sup.open_lease()
+        try:
+            self._lease = sup.open_lease()
+        except RouterError as error:
+            raise self._failed(error) from None
         if last_stage is not None:
             yield LoadStage.READY
 
@@ -128,10 +132,22 @@ class Ticket:
         if self._lease is not None:
             sup.close_lease(self._lease)
         elif self._waiter.granted.done() and not self._waiter.granted.exception():
-            sup.release_slot()  # granted but cancelled before it could start
-        else:
-            sup.queue.leave(self._waiter)
+            sup.release_slot(self._outcome())  # granted, but it never started
+        else:  # (a waiter failed by fail_waiting is already counted and gone from the queue)
+            sup.queue.leave(self._waiter, self._outcome())
             sup.on_waiter_left()
+
+    def _failed(self, error: RouterError) -> RouterError:
+        self._failure = error
+        return error
+
+    def _outcome(self) -> Outcome:
+        """How this request ended without running: its caller left, or it failed."""
+        if self._failure is None:
+            return "cancelled"
+        if self._failure.reason == errors_pb2.ERROR_REASON_QUEUE_TIMEOUT:
+            return "timed_out"  # the admission's wait for room, bounded by queue_timeout_sec
+        return "failed"
 
 
 def as_router_error(error: BaseException | None) -> RouterError:

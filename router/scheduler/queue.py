@@ -17,6 +17,7 @@ import asyncio
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Literal
 
 from router.errors import QueueFull
 
@@ -41,6 +42,12 @@ def dispatch_key(waiter: Waiter, aging_dispatches: int) -> tuple[int, int]:
     return (-effective, waiter.seq)
 
 
+# How a request that joined the queue ended, for the counters: it ran upstream (successfully
+# or not), its caller left before it started, it waited past queue_timeout_sec, or it failed
+# before it started (its model's load failed, the model was unloaded or its circuit opened).
+Outcome = Literal["processed", "cancelled", "timed_out", "failed"]
+
+
 @dataclass(slots=True)
 class QueueCounters:
     total_requests: int = 0
@@ -48,6 +55,11 @@ class QueueCounters:
     total_rejected: int = 0
     total_timed_out: int = 0
     total_cancelled: int = 0
+    total_failed: int = 0
+
+    def count(self, outcome: Outcome) -> None:
+        name = f"total_{outcome}"
+        setattr(self, name, getattr(self, name) + 1)
 
 
 @dataclass(eq=False)
@@ -86,19 +98,17 @@ class SlotQueue:
         self.dispatch()
         return waiter
 
-    def leave(self, waiter: Waiter, *, timed_out: bool = False) -> None:
-        """A waiter gives up (cancelled or timed out); a granted one must ``release``."""
+    def leave(self, waiter: Waiter, outcome: Outcome = "cancelled") -> None:
+        """A waiter gives up before its grant; a granted one must ``release``."""
         if waiter in self._waiters:
             self._waiters.remove(waiter)
-            if timed_out:
-                self.counters.total_timed_out += 1
-            else:
-                self.counters.total_cancelled += 1
+            self.counters.count(outcome)
 
-    def release(self) -> None:
-        """A running request ended: free its slot and dispatch the next waiter."""
+    def release(self, outcome: Outcome = "processed") -> None:
+        """A granted slot is free: its request ended, or never started (``outcome`` says
+        why); the next waiter is dispatched."""
         self.running -= 1
-        self.counters.total_processed += 1
+        self.counters.count(outcome)
         self.dispatch()
 
     def set_capacity(self, capacity: int) -> None:
@@ -129,6 +139,7 @@ class SlotQueue:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.granted.done():
+                self.counters.count("failed")
                 waiter.granted.set_exception(error)
                 # Mark retrieved: the waiter may already have gone (its future unawaited).
                 waiter.granted.exception()

@@ -152,6 +152,7 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
             stats.total_rejected = counters.total_rejected
             stats.total_timed_out = counters.total_timed_out
             stats.total_cancelled = counters.total_cancelled
+            stats.total_failed = counters.total_failed
             for priority, count in queue.count_by_priority().items():
                 stats.queued_by_priority[priority.name.lower()] = count
             summary.total_queued += queue.waiting
@@ -160,6 +161,7 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
             summary.total_rejected += counters.total_rejected
             summary.total_timed_out += counters.total_timed_out
             summary.total_cancelled += counters.total_cancelled
+            summary.total_failed += counters.total_failed
         return response
 
     async def GetResources(

@@ -617,18 +617,23 @@ class QueueSummary(_message.Message):
     TOTAL_REJECTED_FIELD_NUMBER: _builtins.int
     TOTAL_TIMED_OUT_FIELD_NUMBER: _builtins.int
     TOTAL_CANCELLED_FIELD_NUMBER: _builtins.int
+    TOTAL_FAILED_FIELD_NUMBER: _builtins.int
     total_queued: _builtins.int
     """total_queued is the number of waiting requests."""
     total_processing: _builtins.int
     """total_processing is the number of requests running upstream."""
     total_processed: _builtins.int
-    """total_processed counts requests that finished upstream (successfully or not)."""
+    """total_processed counts requests that ran upstream (successfully or not)."""
     total_rejected: _builtins.int
     """total_rejected counts requests refused because a queue was full."""
     total_timed_out: _builtins.int
     """total_timed_out counts requests that waited longer than queue_timeout_sec."""
     total_cancelled: _builtins.int
-    """total_cancelled counts requests the caller cancelled while waiting."""
+    """total_cancelled counts requests their caller cancelled before they started."""
+    total_failed: _builtins.int
+    """total_failed counts requests that failed before they started: their model's load
+    failed, or the model was unloaded, stopped or its circuit opened.
+    """
     def __init__(
         self,
         *,
@@ -638,10 +643,11 @@ class QueueSummary(_message.Message):
         total_rejected: _builtins.int = ...,
         total_timed_out: _builtins.int = ...,
         total_cancelled: _builtins.int = ...,
+        total_failed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["total_cancelled", b"total_cancelled", "total_processed", b"total_processed", "total_processing", b"total_processing", "total_queued", b"total_queued", "total_rejected", b"total_rejected", "total_timed_out", b"total_timed_out"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["total_cancelled", b"total_cancelled", "total_failed", b"total_failed", "total_processed", b"total_processed", "total_processing", b"total_processing", "total_queued", b"total_queued", "total_rejected", b"total_rejected", "total_timed_out", b"total_timed_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -683,6 +689,7 @@ class ModelQueueStats(_message.Message):
     TOTAL_TIMED_OUT_FIELD_NUMBER: _builtins.int
     TOTAL_CANCELLED_FIELD_NUMBER: _builtins.int
     QUEUED_BY_PRIORITY_FIELD_NUMBER: _builtins.int
+    TOTAL_FAILED_FIELD_NUMBER: _builtins.int
     queue_length: _builtins.int
     """queue_length is the number of waiting requests."""
     current_processing: _builtins.int
@@ -694,13 +701,18 @@ class ModelQueueStats(_message.Message):
     total_requests: _builtins.int
     """total_requests counts every request admitted to the queue or refused by it."""
     total_processed: _builtins.int
-    """total_processed counts requests that finished upstream."""
+    """total_processed counts requests that ran upstream (successfully or not)."""
     total_rejected: _builtins.int
     """total_rejected counts requests refused because the queue was full."""
     total_timed_out: _builtins.int
     """total_timed_out counts requests that waited longer than queue_timeout_sec."""
     total_cancelled: _builtins.int
-    """total_cancelled counts requests the caller cancelled while waiting."""
+    """total_cancelled counts requests their caller cancelled before they started."""
+    total_failed: _builtins.int
+    """total_failed counts requests that failed before they started: their model's load
+    failed, or the model was unloaded, stopped or its circuit opened. Every request
+    counted in total_requests is in exactly one total_* outcome, waiting or running.
+    """
     @_builtins.property
     def queued_by_priority(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """queued_by_priority maps "high", "normal" and "low" to the number of waiters."""
@@ -718,10 +730,11 @@ class ModelQueueStats(_message.Message):
         total_timed_out: _builtins.int = ...,
         total_cancelled: _builtins.int = ...,
         queued_by_priority: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        total_failed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_processing", b"current_processing", "max_queue_size", b"max_queue_size", "queue_length", b"queue_length", "queued_by_priority", b"queued_by_priority", "slots", b"slots", "total_cancelled", b"total_cancelled", "total_processed", b"total_processed", "total_rejected", b"total_rejected", "total_requests", b"total_requests", "total_timed_out", b"total_timed_out"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_processing", b"current_processing", "max_queue_size", b"max_queue_size", "queue_length", b"queue_length", "queued_by_priority", b"queued_by_priority", "slots", b"slots", "total_cancelled", b"total_cancelled", "total_failed", b"total_failed", "total_processed", b"total_processed", "total_rejected", b"total_rejected", "total_requests", b"total_requests", "total_timed_out", b"total_timed_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,3 +89,25 @@ async def test_fail_waiting_fails_every_waiter() -> None:
     queue.fail_waiting(RuntimeError("gone"))
     assert all(isinstance(w.granted.exception(), RuntimeError) for w in waiters)
     assert queue.waiting == 0
+
+
+async def test_every_request_ends_in_exactly_one_counter() -> None:
+    queue = SlotQueue(max_waiting=3, aging_dispatches=8, capacity=2)
+    ran, never_started = queue.join(P.NORMAL), queue.join(P.NORMAL)  # both granted
+    cancelled, timed_out, failed = queue.join(P.LOW), queue.join(P.LOW), queue.join(P.LOW)
+    with pytest.raises(QueueFull):
+        queue.join(P.LOW)
+    queue.leave(cancelled)
+    queue.leave(timed_out, "timed_out")
+    queue.fail_waiting(RuntimeError("unloaded"))
+    queue.leave(failed, "failed")  # gone already: not counted twice
+    queue.release()  # `ran` ran
+    queue.release("cancelled")  # `never_started`'s caller left before it started
+    assert ran.granted.done() and never_started.granted.done()
+    assert failed.granted.exception() is not None
+
+    c = queue.counters
+    assert (c.total_processed, c.total_cancelled, c.total_timed_out, c.total_failed) == (1, 2, 1, 1)
+    assert c.total_rejected == 1
+    outcomes = c.total_processed + c.total_cancelled + c.total_timed_out + c.total_failed
+    assert c.total_requests == outcomes + c.total_rejected + queue.waiting + queue.running == 6
