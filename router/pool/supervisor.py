@@ -304,6 +304,8 @@ class Supervisor:
     def open_lease(self) -> Lease:
         """A lease for a granted waiter; the model may have gone since the grant."""
         if self._upstream is None or self.state is not S.READY:
+            if self.state is S.DRAINING:  # an unload (or eviction) began after the grant
+                raise _unloaded(self.alias)
             raise Unavailable(
                 f"model '{self.alias}' stopped before the request could start",
                 reason=errors_pb2.ERROR_REASON_MODEL_CRASHED,

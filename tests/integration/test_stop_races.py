@@ -5,7 +5,8 @@ Each case was found by reading the supervisor, and each failed before its fix:
   its child running;
 - a stop whose caller was cancelled left the next stop with nothing to do;
 - a LoadModel waiting for a load that an unload cancelled waited out its whole timeout;
-- a forced unload during a draining unload waited for the drain.
+- a forced unload during a draining unload waited for the drain;
+- a request granted a slot just before a graceful unload was told its model had crashed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pathlib import Path
 import pytest
 
 from clients import End, UnavailableError
+from router.errors import RouterError
 from router.pool.state import ModelState
+from router.scheduler.queue import Priority
+from router.v1 import errors_pb2
 from tests.helpers import fake_server, pid_alive, running_router, settings_for, wait_until
 from tests.integration.test_pool_faults import PROMPT, drain
 
@@ -129,3 +133,30 @@ async def test_a_forced_unload_cuts_a_running_drain_short(tmp_path: Path, tiny_c
         with pytest.raises(UnavailableError) as caught:
             await running
         assert caught.value.reason == "MODEL_UNLOADED"
+
+
+async def test_a_request_granted_just_before_an_unload_is_told_it_was_unloaded(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        {"m": model_entry(tmp_path, tiny_chat, "m")},
+        system={"llama_server_path": fake_server(tmp_path)},
+    )
+    async with running_router(settings) as (router, client):
+        supervisor = router.pool.get("m")
+        await client.load("m")
+        ticket = supervisor.enter(Priority.NORMAL)  # a free slot: granted at once
+        # The unload leaves READY before the request's task resumes to take its slot.
+        unload = asyncio.create_task(supervisor.unload(force=False, drain_timeout=5))
+        await asyncio.sleep(0)
+        assert supervisor.state is ModelState.DRAINING
+        try:
+            with pytest.raises(RouterError) as caught:
+                async for _ in ticket.progress():
+                    pass
+        finally:
+            ticket.close()
+        assert caught.value.reason == errors_pb2.ERROR_REASON_MODEL_UNLOADED
+        await unload
+        assert supervisor.queue.counters.total_failed == 1
