@@ -224,7 +224,7 @@ def check_request(principal: Principal, request: Any) -> None:
 
 
 class TokenCharge:
-    """The tokens one call used, charged to its key's bucket once, however the call ends.
+    """The tokens one call used, charged to its key's bucket once.
 
     Why after the fact rather than reserving max_tokens up front: this interceptor does not
     know the length a request will be given (the model's cap and context live in the pool, and
@@ -232,6 +232,9 @@ class TokenCharge:
     refund path anyway. Usage from llama-server (the End event) is exact; a stream that is
     abandoned or fails before its End is charged one token per upstream chunk it delivered
     (llama-server streams one token per chunk), so leaving early is no way around the limit.
+    A unary call (Complete, Embed) that ends without its response delivered nothing and is
+    charged nothing: its usage is unknown, and `requests_per_minute` bounds how often a key can
+    start calls it then abandons.
     """
 
     __slots__ = ("_bucket", "_pending")
