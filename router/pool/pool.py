@@ -386,7 +386,9 @@ class Pool:
             sup = self._supervisors[alias]
             child = sup.child
             live = self.inventory.process_memory_mib(child.pid) if child and child.running else None
-            loaded = sup.state not in (ModelState.STARTING, ModelState.LOADING)
+            # Only a started child can hold memory: a model with room reserved but still
+            # waiting for its device's load turn (STOPPED, or FAILED on a retry) holds none.
+            loaded = sup.state in (ModelState.READY, ModelState.DRAINING, ModelState.STOPPING)
             mib = held_mib(reservation.memory_mib, sup.memory_measured_mib, live, loaded=loaded)
             held[reservation.device] = held.get(reservation.device, 0) + mib
         return held
@@ -416,8 +418,8 @@ def held_mib(reservation_mib: int, measured_mib: int, live_mib: int | None, *, l
 
     NVML's per-process figure (``live_mib``) says exactly. Without one (NVML cannot see the
     child's PID, as in many containers), a loaded model is taken to hold its reservation,
-    or what it measured if more. A loading one is taken to hold only what it measured
-    (nothing yet): while it loads its memory may count twice, which at worst makes another
+    or what it measured if more. A loading one (or one still waiting for its load turn) is
+    taken to hold only what it measured (nothing yet): while it loads its memory may count twice, which at worst makes another
     load wait for it to finish; taking its whole reservation off before it is allocated
     would let another model into memory that is about to be taken (an OOM on the GPU).
     """

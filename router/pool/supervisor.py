@@ -834,9 +834,16 @@ class Supervisor:
 
 
 def device_env(device: str) -> dict[str, str]:
-    """Pin a child to its GPU: it sees only that device (as CUDA device 0)."""
+    """Pin a child to its GPU: it sees only that device (as CUDA device 0).
+
+    The index is NVML's, which numbers GPUs by PCI bus; CUDA numbers them fastest first
+    unless told otherwise, so on a host with mixed GPUs the child would land on another GPU
+    than the one its memory is accounted on.
+    """
     kind, _, index = device.partition(":")
-    return {"CUDA_VISIBLE_DEVICES": index} if kind == "gpu" else {}
+    if kind != "gpu":
+        return {}
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": index}
 
 
 def _unloaded(alias: str) -> Unavailable:

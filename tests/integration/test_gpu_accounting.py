@@ -93,3 +93,37 @@ def test_held_mib(
     reservation: int, measured: int, live: int | None, loaded: bool, held: int
 ) -> None:
     assert held_mib(reservation, measured, live, loaded=loaded) == held
+
+
+async def test_a_model_waiting_for_its_load_turn_holds_no_memory_yet(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    """b loads (slowly) and holds the device's one load turn; a has its room reserved and
+    waits for the turn, still STOPPED. a has allocated nothing, so its reservation must not
+    be taken out of what the driver reports as used by others: that made its room look free
+    twice, and admitted c into it (an OOM once all three load)."""
+    gpu = StubGpu()
+    gpu.used_mib = 2048  # another process
+    model = chat_model(tiny_chat)
+    settings = settings_for(
+        tmp_path,
+        {
+            "a": {**model, "memory_mib": 2048},
+            "b": {**model, "memory_mib": 2048},
+            "c": {**model, "memory_mib": 3072},
+        },
+        system={
+            "llama_server_path": fake_server(tmp_path, "--load-delay 30"),
+            "max_concurrent_models": 4,
+        },
+    )
+    async with running_router(settings, gpu) as (router, client):
+        a, b, c = (router.pool.get(alias) for alias in "abc")
+        await client.load("b", wait=False)
+        await wait_until(lambda: b.child is not None, 5)
+        await client.load("a", wait=False)
+        await wait_until(lambda: "a" in router.pool.reservations(), 5)
+        await wait_until(lambda: c.memory_estimate_mib == 3072, 5)
+        assert a.state.value == "stopped" and a.child is None
+        # 8192 - 2048 others - 2048 (a) - 2048 (b) leaves 2048: c (3072) must wait.
+        assert isinstance(router.pool.plan_for(c), Wait)

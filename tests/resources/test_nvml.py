@@ -147,7 +147,9 @@ async def test_the_router_reports_nvml_gpus_and_pins_children_to_theirs(
         supervisor = router.pool.get("m")
         assert supervisor.device == "gpu:1"  # 4 GiB does not fit the 2 GiB GPU
         assert supervisor.child is not None
-        assert child_env(supervisor.child.pid)["CUDA_VISIBLE_DEVICES"] == "1"
+        env = child_env(supervisor.child.pid)
+        assert env["CUDA_VISIBLE_DEVICES"] == "1"
+        assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # NVML's numbering, not CUDA's own
         await wait_until(lambda: supervisor.memory_measured_mib == 600, 5)
         resources = await client.control.GetResources(mpb.GetResourcesRequest())
     assert not resources.cpu_mode
