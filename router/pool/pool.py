@@ -419,9 +419,10 @@ def held_mib(reservation_mib: int, measured_mib: int, live_mib: int | None, *, l
     NVML's per-process figure (``live_mib``) says exactly. Without one (NVML cannot see the
     child's PID, as in many containers), a loaded model is taken to hold its reservation,
     or what it measured if more. A loading one (or one still waiting for its load turn) is
-    taken to hold only what it measured (nothing yet): while it loads its memory may count twice, which at worst makes another
-    load wait for it to finish; taking its whole reservation off before it is allocated
-    would let another model into memory that is about to be taken (an OOM on the GPU).
+    taken to hold only what it measured (nothing yet): while it loads its memory may count
+    twice, which at worst makes another load wait for it to finish; taking its whole
+    reservation off before it is allocated would let another model into memory that is about
+    to be taken (an OOM on the GPU).
     """
     if live_mib is not None:
         return live_mib
