@@ -363,10 +363,11 @@ class SystemConfig(_ConfigModel):
     max_messages: Int = Field(4096, ge=1, le=100_000)
     spare_launcher: bool = True  # keep one embedded launcher started ahead of the next load
 
-    @field_validator("llama_server_path", "base_models_path", mode="before")
+    @field_validator("llama_server_path", "base_models_path", "state_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        # The seed wrote "" for "not set"; the env vars do the same.
+        # The seed wrote "" for "not set"; the env vars do the same. (A state_dir of "" was
+        # the config folder, whose keys/ the router empties at start.)
         return None if value == "" else value
 
     @field_validator("llama_server_path")

@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import time
@@ -34,6 +35,11 @@ def process_start_ticks(pid: int) -> int | None:
     # Field 2 (comm) may contain spaces and parentheses; fields resume after the last ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[19])  # field 22 overall
+
+
+# The name new_api_key gives a child's key file: leftovers of an earlier run are removed at
+# start, and nothing else in the folder is (it may be one the operator chose for other files).
+_KEY_FILE = re.compile(r".+-[0-9a-f]{8}\.key")
 
 
 class ChildRegistry:
@@ -86,8 +92,9 @@ class ChildRegistry:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.02)
-        for key in self._keys.glob("*"):
-            key.unlink(missing_ok=True)
+        for key in self._keys.glob("*.key"):
+            if _KEY_FILE.fullmatch(key.name):  # only what new_api_key wrote, nothing else
+                key.unlink(missing_ok=True)
         return killed
 
     def record(self, alias: str, pid: int) -> None:
@@ -103,7 +110,7 @@ class ChildRegistry:
         (self._children / f"{pid}.json").unlink(missing_ok=True)
 
     def new_api_key(self, alias: str) -> tuple[str, Path]:
-        """A random key for one child and the 0600 file that hands it over."""
+        """A random key for one child and the 0600 file that hands it over (see _KEY_FILE)."""
         key = secrets.token_urlsafe(32)
         path = self._keys / f"{alias}-{secrets.token_hex(4)}.key"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -1334,3 +1334,9 @@ def test_readme_table_covers_every_key() -> None:
     table = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     missing = [path for path in _key_paths(Settings) if f"`{path}`" not in table]
     assert missing == []
+
+
+def test_an_empty_state_dir_is_unset(tmp_path: Path) -> None:
+    """Not the config folder: the router empties its state directory's keys/ at start."""
+    system = load(tmp_path, merged(minimal(), at("system.state_dir", ""))).system
+    assert system.state_dir is None

@@ -10,6 +10,7 @@ import pytest
 
 from router.pool.command import LaunchSpec, build_command, with_death_signal
 from router.pool.failures import FailureKind, classify_exit
+from router.pool.registry import ChildRegistry
 from router.pool.state import TRANSITIONS, InvalidTransition, ModelState, check_transition
 from router.pool.upstream import SSEParser, UpstreamHTTPError
 
@@ -196,3 +197,17 @@ def test_sse_parser_accepts_crlf_and_no_space() -> None:
 def test_sse_parser_raises_on_error_event() -> None:
     with pytest.raises(UpstreamHTTPError):
         SSEParser().feed(b'error: {"message":"boom"}\n\n')
+
+
+def test_leftover_child_keys_go_and_other_files_stay(tmp_path: Path) -> None:
+    registry = ChildRegistry(tmp_path)
+    registry.acquire()
+    try:
+        _, leftover = registry.new_api_key("chat")
+        mine = tmp_path / "keys" / "admin.key"  # e.g. state_dir set to a folder with keys/
+        mine.write_text("operator's own key")
+        registry.reap_leftovers()
+    finally:
+        registry.release()
+    assert not leftover.exists()
+    assert mine.read_text() == "operator's own key"
