@@ -23,6 +23,10 @@ _SHUTDOWN_TIMEOUT_SEC = 5.0
 _TRACE_FLUSH_TIMEOUT_MS = 5000
 
 
+class _ListenError(Exception):
+    """The facade could not bind its address; the message is one line for the operator."""
+
+
 async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully (over HTTPS with `ssl_context`).
 
@@ -40,7 +44,11 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.api.host, settings.api.port, ssl_context=ssl_context)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:  # e.g. the port is taken: one line, as the router says it
+            where = f"{settings.api.host}:{settings.api.port}"
+            raise _ListenError(f"cannot listen on {where}: {error.strerror or error}") from None
         scheme = "http" if ssl_context is None else "https"
         _LOGGER.info("facade serving on %s://%s:%d", scheme, settings.api.host, settings.api.port)
         stop = asyncio.Event()
@@ -69,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
             ssl_context = server_ssl_context(settings.api.tls)
         except (ssl.SSLError, OSError) as error:
             sys.exit(f"facade: cannot use api.tls: {error}")
-    asyncio.run(serve(settings, ssl_context))
+    try:
+        asyncio.run(serve(settings, ssl_context))
+    except _ListenError as error:
+        sys.exit(f"facade: {error}")
 
 
 if __name__ == "__main__":

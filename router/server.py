@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +75,22 @@ class ListenError(Exception):
 
 
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    """TLS for the router's port; with a client CA, clients must present a certificate."""
+    """TLS for the router's port; with a client CA, clients must present a certificate.
+
+    The files are checked with the ssl module first: gRPC only finds out when it binds, and
+    then says no more than that it could not.
+    """
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            tls.cert_file,
+            tls.key_file,
+            password=b"",  # an encrypted key fails, never prompts
+        )
+    except ssl.SSLError as error:
+        raise ListenError(
+            f"grpc.tls: {tls.cert_file} and {tls.key_file} are not a PEM certificate chain "
+            f"and its key ({error.reason or error})"
+        ) from None
     client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
     return grpc.ssl_server_credentials(
         [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
@@ -186,7 +202,10 @@ class Router:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         grpc_settings = self.settings.grpc
-        address = f"{grpc_settings.host}:{grpc_settings.port}"
+        host = grpc_settings.host
+        if ":" in host and not host.startswith("["):  # an IPv6 literal: gRPC wants [::1]:port
+            host = f"[{host}]"
+        address = f"{host}:{grpc_settings.port}"
         try:
             if grpc_settings.tls is None:
                 self.port = server.add_insecure_port(address)

@@ -131,4 +131,7 @@ class StatusFileWriter:
             return
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-        await asyncio.to_thread(write_atomic, self.path, render(self._full_status()))
+        try:
+            await asyncio.to_thread(write_atomic, self.path, render(self._full_status()))
+        except OSError as error:  # as while running: the rest of the shutdown goes on
+            _LOGGER.warning("cannot write %s: %s", self.path, error)
