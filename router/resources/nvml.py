@@ -6,9 +6,11 @@ not as a device-wide delta, so other GPU users do not distort it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 from router.resources.devices import DeviceInfo
 
@@ -21,22 +23,53 @@ class NvmlGpus:
 
     def __init__(self, nvml: ModuleType, indices: Sequence[int]) -> None:
         self._nvml = nvml
-        self._handles = {index: nvml.nvmlDeviceGetHandleByIndex(index) for index in indices}
+        self._handles: dict[int, Any] = {}
+        self._last: dict[int, DeviceInfo] = {}  # each GPU's last good reading
+        self._unreadable: set[int] = set()
+        for index in indices:
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                self._last[index] = self._read(index, handle)
+            except nvml.NVMLError as error:  # no permission, or the GPU is lost
+                _LOGGER.warning("gpu %d: NVML cannot read it (%s); it is not used", index, error)
+                continue
+            self._handles[index] = handle
 
     def devices(self) -> list[DeviceInfo]:
+        """Each GPU as NVML reads it now. One it can no longer read (lost, or its driver in
+        trouble) counts as full, at its last known size: nothing more is placed on it, and
+        admissions, reports and metrics go on for the others."""
         devices = []
         for index, handle in self._handles.items():
-            memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
-            name = self._nvml.nvmlDeviceGetName(handle)
-            devices.append(
-                DeviceInfo(
-                    f"gpu:{index}",
-                    name.decode() if isinstance(name, bytes) else str(name),
-                    int(memory.total) // _MIB,
-                    int(memory.used) // _MIB,
-                )
-            )
+            try:
+                device = self._read(index, handle)
+            except self._nvml.NVMLError as error:
+                if index not in self._unreadable:
+                    self._unreadable.add(index)
+                    _LOGGER.warning(
+                        "gpu %d: NVML cannot read it (%s); counted as full until it can",
+                        index,
+                        error,
+                    )
+                last = self._last[index]
+                device = dataclasses.replace(last, used_mib=last.total_mib)
+            else:
+                if index in self._unreadable:
+                    self._unreadable.discard(index)
+                    _LOGGER.warning("gpu %d: NVML reads it again", index)
+                self._last[index] = device
+            devices.append(device)
         return devices
+
+    def _read(self, index: int, handle: Any) -> DeviceInfo:
+        memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+        name = self._nvml.nvmlDeviceGetName(handle)
+        return DeviceInfo(
+            f"gpu:{index}",
+            name.decode() if isinstance(name, bytes) else str(name),
+            int(memory.total) // _MIB,
+            int(memory.used) // _MIB,
+        )
 
     def process_memory_mib(self, pid: int) -> int | None:
         total = 0
@@ -51,6 +84,10 @@ class NvmlGpus:
                     total += int(process.usedGpuMemory) // _MIB
                     found = True
         return total if found else None
+
+    @property
+    def empty(self) -> bool:
+        return not self._handles
 
 
 def open_nvml(indices: Sequence[int]) -> NvmlGpus | None:
@@ -71,4 +108,5 @@ def open_nvml(indices: Sequence[int]) -> NvmlGpus | None:
         _LOGGER.warning("gpu_devices %s do not exist (found %d GPUs)", missing, count)
     if not present:
         return None
-    return NvmlGpus(pynvml, present)
+    gpus = NvmlGpus(pynvml, present)
+    return None if gpus.empty else gpus

@@ -106,6 +106,49 @@ def test_names_may_come_as_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [d.name for d in gpus.devices()] == ["NVIDIA L4"]
 
 
+def test_a_gpu_nvml_loses_after_start_counts_as_full_until_it_is_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    nvml = stub_pynvml([("A", 8192, 1000), ("B", 8192, 500)])
+    gpus = NvmlGpus(nvml, [0, 1])
+    read_memory = nvml.nvmlDeviceGetMemoryInfo
+
+    def lost(handle: int) -> object:
+        if handle == 1:
+            raise NVMLError("GPU is lost")
+        return read_memory(handle)
+
+    nvml.nvmlDeviceGetMemoryInfo = lost  # type: ignore[attr-defined]
+    assert [(d.id, d.total_mib, d.used_mib) for d in gpus.devices()] == [
+        ("gpu:0", 8192, 1000),
+        ("gpu:1", 8192, 8192),  # nothing more goes there
+    ]
+    gpus.devices()
+    assert caplog.text.count("gpu 1: NVML cannot read it (GPU is lost)") == 1  # said once
+    nvml.nvmlDeviceGetMemoryInfo = read_memory  # type: ignore[attr-defined]
+    assert [d.used_mib for d in gpus.devices()] == [1000, 500]
+    assert "gpu 1: NVML reads it again" in caplog.text
+
+
+def test_a_gpu_nvml_cannot_open_at_start_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    nvml = stub_pynvml([("A", 8192, 0), ("B", 8192, 0)])
+
+    def handle(index: int) -> int:
+        if index == 0:
+            raise NVMLError("Insufficient Permissions")
+        return index
+
+    nvml.nvmlDeviceGetHandleByIndex = handle  # type: ignore[attr-defined]
+    install(monkeypatch, nvml)
+    gpus = open_nvml([0, 1])
+    assert gpus is not None
+    assert [d.id for d in gpus.devices()] == ["gpu:1"]
+    assert "gpu 0: NVML cannot read it (Insufficient Permissions)" in caplog.text
+    assert open_nvml([0]) is None  # no GPU it can read: CPU mode
+
+
 def test_process_memory_is_what_nvml_attributes_to_that_pid() -> None:
     per_gpu: dict[int, list[tuple[int, int | None]]] = {
         0: [(41, 100), (42, 1500)],
