@@ -599,6 +599,9 @@ async def test_reset_clears_the_failure(router: tuple[FakeRouter, RouterClient])
 
     model = await client.reset("chat")
 
+    request = fake.calls[0].request
+    assert isinstance(request, model_control_service_pb2.ResetModelRequest)
+    assert request.model == "chat"
     assert (model.state, model.last_error, model.consecutive_failures, model.retry_at) == (
         "stopped",
         "",
@@ -705,7 +708,7 @@ async def test_breaking_out_of_watch_cancels_the_call(
 # Raw stubs
 
 
-async def test_raw_stubs_share_the_clients_channel(
+async def test_raw_stubs_reach_the_router_through_the_client(
     router: tuple[FakeRouter, RouterClient],
 ) -> None:
     fake, client = router

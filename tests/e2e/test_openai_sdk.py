@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.e2e.stack import Stack, post_json, running_stack
+from tests.e2e.stack import Stack, get_json, post_json, running_stack
 from tests.helpers import chat_model, embed_model
 
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello world the router"}]
@@ -232,6 +232,16 @@ def test_a_model_that_fails_to_load_is_503_with_retry_after(client: openai.OpenA
     assert raised.value.type == "server_error"
 
 
+def wait_for_waiters(stack: Stack, model: str, count: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, stats = get_json(f"{stack.base_url}/v1/queue/stats")
+        if status == 200 and stats["per_model"][model]["queue_length"] == count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{model} never had {count} waiting")
+
+
 def test_a_full_queue_is_429_and_a_queue_timeout_504(stack: Stack, client: openai.OpenAI) -> None:
     assert post_json(f"{stack.base_url}/v1/models/slow/load", {"wait": True})[0] == 200
     busy = client.chat.completions.create(
@@ -246,7 +256,7 @@ def test_a_full_queue_is_429_and_a_queue_timeout_504(stack: Stack, client: opena
             waiting = pool.submit(
                 lambda: client.chat.completions.create(model="slow", messages=PROMPT, max_tokens=1)
             )
-            time.sleep(0.2)  # the waiter takes the one queue place
+            wait_for_waiters(stack, "slow", 1)  # the waiter takes the one queue place
             with pytest.raises(openai.RateLimitError) as full:
                 client.chat.completions.create(
                     model="slow",

@@ -15,6 +15,7 @@ import pytest
 
 from router.pool.registry import ChildRegistry
 from tests import procfs
+from tests.e2e.stack import stop_process
 from tests.helpers import (
     REPO,
     chat_model,
@@ -114,13 +115,17 @@ def test_sigterm_stops_gracefully_and_reaps_children(tmp_path: Path, tiny_chat: 
         assert not pid_alive(spare)
 
 
-def _start(config: Path, port: int) -> subprocess.Popen[bytes]:
+def _start(
+    config: Path, port: int, started: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    """``python -m router``, in ``started`` (for the caller's cleanup) before it is ready."""
     process = subprocess.Popen(
         [sys.executable, "-m", "router", "-c", str(config)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    started.append(process)
     wait_for_grpc(port, process, timeout=20)
     return process
 
@@ -152,32 +157,33 @@ def test_router_sigkill_leaves_no_child_and_instances_stay_apart(
     for directory, port in zip(dirs, ports, strict=True):
         directory.mkdir()
         configs.append(write_config(directory, {"chat": chat_model(tiny_chat)}, grpc_port=port))
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: list[subprocess.Popen[bytes]] = []  # every router started, for the finally
+    orphans: list[int] = []  # what must die with the first router, killed if it did not
     try:
-        processes = [_start(config, port) for config, port in zip(configs, ports, strict=True)]
+        for config, port in zip(configs, ports, strict=True):
+            _start(config, port, processes)
+        first = processes[0]
         children = [_loaded_child(port) for port in ports]
-        spare = _spare_of(processes[0].pid, children[0])
-        processes[0].kill()  # SIGKILL: no cleanup code runs in the router
-        processes[0].wait(5)
-        if processes[0].stderr is not None:
-            processes[0].stderr.close()
+        spare = _spare_of(first.pid, children[0])
+        orphans += [children[0], spare]
+        first.kill()  # SIGKILL: no cleanup code runs in the router
+        first.wait(5)
         deadline = time.monotonic() + 10
         while (pid_alive(children[0]) or pid_alive(spare)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not pid_alive(children[0]), "the child outlived its router"
         assert not pid_alive(spare), "the spare launcher outlived its router"
         assert pid_alive(children[1]), "the other instance's child was touched"
-        processes[0] = _start(configs[0], ports[0])
+        _start(configs[0], ports[0], processes)
         assert pid_alive(children[1])
         assert model_pid(ports[1], "chat") == children[1]
         assert _loaded_child(ports[0]) != children[0]
     finally:
         for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                process.wait(15)
-            if process.stderr is not None:
-                process.stderr.close()
+            stop_process(process)
+        for pid in orphans:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_restart_reaps_recorded_leftovers_only(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from tests.clients.fake_router import (
     rich_status,
     serve_fake_router,
 )
-from tests.helpers import chat_model, free_port, settings_for
+from tests.helpers import chat_model, free_port, settings_for, wait_until
 
 PROMTOOL = str(Path(sys.executable).parent / "promtool")
 CHUNK = '{"id":"c1","object":"chat.completion.chunk","choices":[]}'
@@ -200,11 +200,16 @@ async def test_open_streams_in_flight_and_disconnects(make_facade: MakeFacade) -
     assert facade.value("routermodel_facade_http_requests_in_flight") == 1
     response.close()
     await asyncio.wait_for(facade.fake.cancelled.wait(), timeout=1)
-    await asyncio.sleep(0.05)  # the handler unwinds after the router call is cancelled
+    # The handler unwinds after the router call is cancelled.
+    await wait_until(
+        lambda: (
+            facade.value("routermodel_facade_sse_streams_open") == 0
+            and facade.value("routermodel_facade_http_requests_in_flight") == 0
+        ),
+        5,
+    )
 
     route = {"route": "/v1/chat/completions", "method": "POST"}
-    assert facade.value("routermodel_facade_sse_streams_open") == 0
-    assert facade.value("routermodel_facade_http_requests_in_flight") == 0
     assert facade.value("routermodel_facade_client_disconnects_total", **route) == 1
     assert facade.value("routermodel_facade_http_requests_total", **route, status="cancelled") == 1
 

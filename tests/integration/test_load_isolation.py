@@ -250,9 +250,21 @@ async def test_sigterm_is_graceful(tmp_path: Path, tiny_chat: Path) -> None:
         async with RouterClient(f"127.0.0.1:{port}") as client:
             stream = await first_chunk(client)
 
-            signalled = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)  # the signal reaches the router's loop
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                request = health_pb2.HealthCheckRequest(service="")
+                serving = health_pb2.HealthCheckResponse.SERVING
+                assert (await health.Check(request)).status == serving  # connected before
+
+                async def stopping() -> bool:  # the signal reached the router's loop
+                    try:
+                        return bool((await health.Check(request)).status != serving)
+                    except grpc.aio.AioRpcError as error:  # new calls are refused already
+                        return bool(error.code() == grpc.StatusCode.UNAVAILABLE)
+
+                signalled = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                await wait_until(stopping, 5)
             await assert_refused(client)
             await assert_ends_within_grace(stream, signalled)
         assert await asyncio.to_thread(process.wait, GRACE + 5) == 0

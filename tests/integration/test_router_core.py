@@ -31,6 +31,7 @@ from tests.helpers import (
     chat_model,
     embed_model,
     established_connections,
+    fake_server,
     running_router,
     seconds_to_first_chunk,
     settings_for,
@@ -261,10 +262,13 @@ async def test_concurrent_cold_requests_start_one_process(tmp_path: Path, tiny_c
         starts = 0
         pids: set[int] = set()
 
+        subscribed = asyncio.Event()
+
         async def count_starts() -> None:
             nonlocal starts
             previous = "stopped"
             async for event in client.watch():
+                subscribed.set()  # the first event is the full status
                 if event.kind == "model_update" and event.model:
                     if event.model.state == "starting" and previous != "starting":
                         starts += 1  # a transition into STARTING, not a stage update
@@ -273,7 +277,7 @@ async def test_concurrent_cold_requests_start_one_process(tmp_path: Path, tiny_c
                         pids.add(event.model.pid)
 
         watcher = asyncio.create_task(count_starts())
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(subscribed.wait(), 5)
         results = await asyncio.gather(
             *(collect(client, "chat", {**PROMPT, "max_tokens": 4}) for _ in range(8))
         )
@@ -338,12 +342,18 @@ async def test_bad_requests_are_invalid_argument(
 
 
 async def test_status_answers_while_a_model_loads(tmp_path: Path, tiny_chat: Path) -> None:
-    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat)})
-    async with running_router(settings) as (_, client):
+    settings = settings_for(
+        tmp_path,
+        {"chat": chat_model(tiny_chat)},
+        system={"llama_server_path": fake_server(tmp_path, "--load-delay 2")},
+    )
+    async with running_router(settings) as (router, client):
         load = asyncio.create_task(client.load("chat"))
+        await wait_until(lambda: router.pool.get("chat").state.value in ("starting", "loading"), 5)
         started = time.monotonic()
         models = await client.list_models()
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 1.0  # held up, it would wait for the 2 s load
         assert models.models[0].alias == "chat"
+        assert models.models[0].state in ("starting", "loading")
         ready = await load
         assert ready.state == "ready" and ready.pid > 0 and ready.port > 0

@@ -62,7 +62,7 @@ async def test_a_model_ready_with_nobody_waiting_makes_room_at_once(
         for_a = asyncio.create_task(run(client, "a"))
         await wait_until(lambda: router.pool.get("a").child is not None, 5)
         for_b = asyncio.create_task(run(client, "b"))  # waits: a is loading
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: router.pool.get("b").queue.waiting == 1, 5)
         for_a.cancel()  # a's only caller leaves; its load goes on
         await asyncio.gather(for_a, return_exceptions=True)
         started = time.monotonic()
@@ -82,7 +82,7 @@ async def test_a_granted_request_that_never_starts_makes_room_at_once(
         a = router.pool.get("a")
         ticket = a.enter(Priority.NORMAL)  # granted a slot at once: a is busy
         for_b = asyncio.create_task(run(client, "b"))  # waits for a's batch
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: router.pool.get("b").queue.waiting == 1, 5)
         ticket.close()  # its caller left before the request started
         started = time.monotonic()
         events = await asyncio.wait_for(for_b, QUEUE_TIMEOUT_SEC + 5)

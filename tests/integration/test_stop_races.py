@@ -19,6 +19,7 @@ import pytest
 
 from clients import End, UnavailableError
 from router.errors import RouterError
+from router.pool.process import ChildProcess
 from router.pool.state import ModelState
 from router.scheduler.queue import Priority
 from router.v1 import errors_pb2
@@ -34,8 +35,16 @@ def model_entry(tmp_path: Path, tiny_chat: Path, name: str) -> dict[str, object]
 
 
 async def test_a_forced_unload_during_a_timed_out_loads_stop_finishes_it(
-    tmp_path: Path, tiny_chat: Path
+    tmp_path: Path, tiny_chat: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    stopping = asyncio.Event()
+    stop = ChildProcess.stop
+
+    async def stop_and_tell(child: ChildProcess, grace: float) -> int:
+        stopping.set()
+        return await stop(child, grace)
+
+    monkeypatch.setattr(ChildProcess, "stop", stop_and_tell)
     settings = settings_for(
         tmp_path,
         {"slow": model_entry(tmp_path, tiny_chat, "slow")},
@@ -53,8 +62,9 @@ async def test_a_forced_unload_during_a_timed_out_loads_stop_finishes_it(
         pid = supervisor.child.pid  # type: ignore[union-attr]
         # Readiness times out after 0.5 s; the child ignores the SIGTERM that follows, so the
         # load is then in the 4 s grace before SIGKILL. The unload lands in that window.
-        await asyncio.sleep(1.5)
+        await asyncio.wait_for(stopping.wait(), 10)  # the SIGTERM is sent (and ignored)
         assert supervisor.state.value in ("starting", "loading")
+        assert pid_alive(pid)
         await client.unload("slow", force=True)
         assert supervisor.state is ModelState.STOPPED
         assert not pid_alive(pid)

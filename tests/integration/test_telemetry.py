@@ -469,7 +469,11 @@ def test_json_logs_carry_request_and_trace_ids(
                     )
                     events = await run_with(client, metadata)
                     assert isinstance(events[-1], End)
-                    await asyncio.sleep(0.2)  # lines written as the call ended
+
+                def request_logged() -> bool:  # the line is written as the call ends
+                    return b'"logger": "router.inference"' in log.read_bytes()[before:]
+
+                await wait_until(request_logged, 5)
 
             asyncio.run(generate())
             during = log.read_bytes()[before:].decode().splitlines()

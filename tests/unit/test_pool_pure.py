@@ -61,7 +61,7 @@ def test_table_has_an_entry_for_every_state() -> None:
     assert set(TRANSITIONS) == set(ModelState)
 
 
-def test_ready_is_reachable_only_by_loading() -> None:
+def test_ready_is_reachable_only_from_starting_or_loading() -> None:
     sources = {current for current, targets in TRANSITIONS.items() if S.READY in targets}
     assert sources == {S.STARTING, S.LOADING}
 
