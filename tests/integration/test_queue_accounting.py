@@ -15,7 +15,7 @@ from clients import UnavailableError
 from router.scheduler.queue import QueueCounters, SlotQueue
 from tests.helpers import fake_server, running_router, settings_for, wait_until
 from tests.integration.test_pool_faults import PROMPT, drain
-from tests.integration.test_stop_races import model_entry
+from tests.integration.test_stop_races import model_entry, one_fake_model
 
 
 def settled(queue: SlotQueue) -> QueueCounters:
@@ -29,13 +29,8 @@ def settled(queue: SlotQueue) -> QueueCounters:
 async def test_requests_waiting_for_a_load_that_fails_count_as_failed(
     tmp_path: Path, tiny_chat: Path
 ) -> None:
-    settings = settings_for(
-        tmp_path,
-        {"bad": model_entry(tmp_path, tiny_chat, "bad")},
-        system={
-            "llama_server_path": fake_server(tmp_path, "--exit-at-start 1"),
-            "model_load_max_retries": 0,
-        },
+    settings = one_fake_model(
+        tmp_path, tiny_chat, "bad", "--exit-at-start 1", model_load_max_retries=0
     )
     async with running_router(settings) as (router, client):
         results = await asyncio.gather(

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from clients import End, UnavailableError
+from clients import End, GenerateEvent, RouterClient, UnavailableError
+from router.config import Settings
 from router.errors import RouterError
 from router.pool.process import ChildProcess
 from router.pool.state import ModelState
+from router.pool.supervisor import Supervisor
 from router.scheduler.queue import Priority
 from router.v1 import errors_pb2
 from tests.helpers import fake_server, pid_alive, running_router, settings_for, wait_until
@@ -34,6 +38,30 @@ def model_entry(tmp_path: Path, tiny_chat: Path, name: str) -> dict[str, object]
     return {"model_path": str(path), "params": {"n_ctx": 131072}}
 
 
+def one_fake_model(
+    tmp_path: Path, tiny_chat: Path, alias: str, knobs: str = "", **system: object
+) -> Settings:
+    """Settings serving ``alias`` from the fake llama-server started with ``knobs``."""
+    return settings_for(
+        tmp_path,
+        {alias: model_entry(tmp_path, tiny_chat, alias)},
+        system={"llama_server_path": fake_server(tmp_path, knobs), **system},
+    )
+
+
+async def draining(
+    client: RouterClient, supervisor: Supervisor, tokens: int, unload: Coroutine[Any, Any, Any]
+) -> tuple[asyncio.Task[list[GenerateEvent]], asyncio.Task[Any]]:
+    """Load "m", start a request for ``tokens`` tokens, then ``unload``; once the model
+    drains, return the request's task and the unload's."""
+    await client.load("m")
+    running = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": tokens}))
+    await wait_until(lambda: supervisor.in_flight == 1, 5)
+    stopping = asyncio.create_task(unload)
+    await wait_until(lambda: supervisor.state is ModelState.DRAINING, 5)
+    return running, stopping
+
+
 async def test_a_forced_unload_during_a_timed_out_loads_stop_finishes_it(
     tmp_path: Path, tiny_chat: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -45,15 +73,14 @@ async def test_a_forced_unload_during_a_timed_out_loads_stop_finishes_it(
         return await stop(child, grace)
 
     monkeypatch.setattr(ChildProcess, "stop", stop_and_tell)
-    settings = settings_for(
+    settings = one_fake_model(
         tmp_path,
-        {"slow": model_entry(tmp_path, tiny_chat, "slow")},
-        system={
-            "llama_server_path": fake_server(tmp_path, "--load-delay 60 --ignore-sigterm"),
-            "wait_ready_sec": 0.5,
-            "stop_grace_sec": 4,
-            "model_load_max_retries": 0,
-        },
+        tiny_chat,
+        "slow",
+        "--load-delay 60 --ignore-sigterm",
+        wait_ready_sec=0.5,
+        stop_grace_sec=4,
+        model_load_max_retries=0,
     )
     async with running_router(settings) as (router, client):
         supervisor = router.pool.get("slow")
@@ -76,18 +103,12 @@ async def test_a_forced_unload_during_a_timed_out_loads_stop_finishes_it(
 async def test_a_stop_whose_caller_was_cancelled_does_not_swallow_the_next(
     tmp_path: Path, tiny_chat: Path
 ) -> None:
-    settings = settings_for(
-        tmp_path,
-        {"m": model_entry(tmp_path, tiny_chat, "m")},
-        system={"llama_server_path": fake_server(tmp_path, "--token-delay 0.01")},
-    )
+    settings = one_fake_model(tmp_path, tiny_chat, "m", "--token-delay 0.01")
     async with running_router(settings) as (router, client):
         supervisor = router.pool.get("m")
-        await client.load("m")
-        running = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": 30}))
-        await wait_until(lambda: supervisor.in_flight == 1, 5)
-        caller = asyncio.create_task(supervisor.unload(force=False, drain_timeout=10))
-        await wait_until(lambda: supervisor.state is ModelState.DRAINING, 5)
+        running, caller = await draining(
+            client, supervisor, 30, supervisor.unload(force=False, drain_timeout=10)
+        )
         caller.cancel()  # e.g. the admin's call hit its deadline; the stop goes on
         assert isinstance((await running)[-1], End)
         await wait_until(lambda: supervisor.state is ModelState.STOPPED, 5)
@@ -102,14 +123,7 @@ async def test_a_stop_whose_caller_was_cancelled_does_not_swallow_the_next(
 async def test_a_waiting_load_fails_at_once_when_an_unload_cancels_it(
     tmp_path: Path, tiny_chat: Path
 ) -> None:
-    settings = settings_for(
-        tmp_path,
-        {"slow": model_entry(tmp_path, tiny_chat, "slow")},
-        system={
-            "llama_server_path": fake_server(tmp_path, "--load-delay 60"),
-            "wait_ready_sec": 60,
-        },
-    )
+    settings = one_fake_model(tmp_path, tiny_chat, "slow", "--load-delay 60", wait_ready_sec=60)
     async with running_router(settings) as (router, client):
         supervisor = router.pool.get("slow")
         waiting = asyncio.create_task(client.load("slow", timeout=30))
@@ -123,23 +137,17 @@ async def test_a_waiting_load_fails_at_once_when_an_unload_cancels_it(
 
 
 async def test_a_forced_unload_cuts_a_running_drain_short(tmp_path: Path, tiny_chat: Path) -> None:
-    settings = settings_for(
-        tmp_path,
-        {"m": model_entry(tmp_path, tiny_chat, "m")},
-        system={"llama_server_path": fake_server(tmp_path, "--token-delay 0.05")},
-    )
+    settings = one_fake_model(tmp_path, tiny_chat, "m", "--token-delay 0.05")
     async with running_router(settings) as (router, client):
         supervisor = router.pool.get("m")
-        await client.load("m")
-        running = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": 1000}))
-        await wait_until(lambda: supervisor.in_flight == 1, 5)
-        draining = asyncio.create_task(client.unload("m", drain_timeout=60))
-        await wait_until(lambda: supervisor.state is ModelState.DRAINING, 5)
+        running, unload = await draining(
+            client, supervisor, 1000, client.unload("m", drain_timeout=60)
+        )
         started = time.monotonic()
         await client.unload("m", force=True)
         assert time.monotonic() - started < 5  # not the 60 s drain (1000 tokens take 50 s)
         assert supervisor.state is ModelState.STOPPED
-        await asyncio.wait_for(draining, 5)
+        await asyncio.wait_for(unload, 5)
         with pytest.raises(UnavailableError) as caught:
             await running
         assert caught.value.reason == "MODEL_UNLOADED"
@@ -148,11 +156,7 @@ async def test_a_forced_unload_cuts_a_running_drain_short(tmp_path: Path, tiny_c
 async def test_a_request_granted_just_before_an_unload_is_told_it_was_unloaded(
     tmp_path: Path, tiny_chat: Path
 ) -> None:
-    settings = settings_for(
-        tmp_path,
-        {"m": model_entry(tmp_path, tiny_chat, "m")},
-        system={"llama_server_path": fake_server(tmp_path)},
-    )
+    settings = one_fake_model(tmp_path, tiny_chat, "m")
     async with running_router(settings) as (router, client):
         supervisor = router.pool.get("m")
         await client.load("m")
