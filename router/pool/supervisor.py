@@ -735,19 +735,31 @@ class Supervisor:
         self._cancel_idle_timer()
         if self.state is S.READY:
             self._transition(S.DRAINING)
-        while self.queue.running > 0 and (left := self._drain_until - time.monotonic()) > 0:
+        while (
+            not self._crashed_while_draining()
+            and self.queue.running > 0
+            and (left := self._drain_until - time.monotonic()) > 0
+        ):
             await asyncio.wait({self.changed()}, timeout=min(0.05, left))
+        if self._crashed_while_draining():
+            return
         for lease in list(self._leases):
             lease.abort(error or _unloaded(self.alias))
         child = self._child
-        if self.state is S.DRAINING:
-            self._transition(S.STOPPING)
+        self._transition(S.STOPPING)
         if child is not None:
             await child.stop(self.settings.stop_grace_sec)
             await self._forget_child(child)
         if self.state is S.STOPPING:
             self._transition(S.STOPPED)
         self._ctx.admission.release(self.alias)
+
+    def _crashed_while_draining(self) -> bool:
+        # Only a crash takes a model out of DRAINING while its stop runs: the crash path has
+        # then aborted its requests, forgotten its child and released its room, and a reload
+        # since (for requests that came meanwhile) has a child and room that are not the
+        # stop's to undo.
+        return self.state is not S.DRAINING
 
     async def replace_hung(self) -> None:
         """The child stopped answering: kill it (SIGKILL works on a stopped process)."""

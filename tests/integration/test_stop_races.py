@@ -7,8 +7,8 @@ Each case was found by reading the supervisor, and each failed before its fix:
 - a LoadModel waiting for a load that an unload cancelled waited out its whole timeout;
 - a forced unload during a draining unload waited for the drain;
 - a request granted a slot just before a graceful unload was told its model had crashed.
-The last test covers a case a review suspected (a crash during a drain, then a reload) and
-that held already.
+- a crash during a draining unload, then a reload: the stop killed the new child and
+  released its room.
 """
 
 from __future__ import annotations
@@ -179,32 +179,41 @@ async def test_a_request_granted_just_before_an_unload_is_told_it_was_unloaded(
         assert supervisor.queue.counters.total_failed == 1
 
 
-async def test_a_crash_during_a_drain_leaves_the_reload_its_room(
+async def test_a_crash_during_a_drain_leaves_the_reload_alone(
     tmp_path: Path, tiny_chat: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The child crashes while an unload drains it, and a request that arrived meanwhile
-    reloads the model at once: the stop ends, and the reload keeps its room. (A review
-    suspected the stop's last release could drop the reload's reservation; in this order of
-    events it does not, and this keeps it so.)"""
+    """The child crashes while an unload drains it, and a request that came meanwhile reloads
+    the model. The stop used to go on once its drain ended: with the reload READY by then, it
+    killed the new child and released the new room (a model counted against no memory)."""
     monkeypatch.setattr(supervisor_module, "restart_delay", lambda failures: 0.0)
     entry = model_entry(tmp_path, tiny_chat, "m")
     settings = settings_for(
         tmp_path,
-        {"m": {**entry, "params": {"n_ctx": 131072, "parallel_override": 1}}},
+        {"m": {**entry, "params": {"n_ctx": 131072, "parallel_override": 2}}},
         system={
             "llama_server_path": fake_server(tmp_path, "--crash-after-tokens 5 --token-delay 0.05")
         },
     )
     async with running_router(settings) as (router, client):
         supervisor = router.pool.get("m")
-        running, stopping = await draining(
-            client, supervisor, 100, supervisor.unload(force=False, drain_timeout=10)
-        )
-        arriving = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": 2}))
-        with pytest.raises(UnavailableError):
-            await running  # the crash
-        await stopping
-        await wait_until(lambda: supervisor.state is ModelState.READY, 10)
-        assert "m" in router.pool.reservations()  # the reloaded child's room is accounted
-        arriving.cancel()
-        await asyncio.gather(arriving, return_exceptions=True)
+        await client.load("m")
+        held = supervisor.enter(Priority.NORMAL)  # a granted slot that keeps the drain going
+        try:
+            crashing = asyncio.create_task(drain(client, "m", {**PROMPT, "max_tokens": 100}))
+            await wait_until(lambda: supervisor.in_flight == 2, 5)
+            stopping = asyncio.create_task(supervisor.unload(force=False, drain_timeout=30))
+            await wait_until(lambda: supervisor.state is ModelState.DRAINING, 5)
+            arriving = await asyncio.wait_for(
+                drain(client, "m", {**PROMPT, "max_tokens": 2}), 20
+            )  # waits out the crash, then is served by the reload
+            assert isinstance(arriving[-1], End)
+            with pytest.raises(UnavailableError):
+                await crashing
+            reloaded = supervisor.child
+            assert supervisor.state is ModelState.READY and reloaded is not None
+        finally:
+            held.close()  # the drain's last request ends: the old stop ends with it
+        await asyncio.wait_for(stopping, 10)
+        assert supervisor.state is ModelState.READY
+        assert supervisor.child is reloaded and reloaded.running
+        assert "m" in router.pool.reservations()  # its room is accounted
