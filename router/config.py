@@ -48,6 +48,7 @@ __all__ = [
     "CACHE_TYPES",
     "RESERVED_ALIASES",
     "ROUTER_CONTROLLED_FLAGS",
+    "CHILD_LINK_FLAGS",
     "CacheType",
     "FlashAttention",
     "Pooling",
@@ -106,6 +107,10 @@ ROUTER_CONTROLLED_FLAGS: Final = frozenset(
         "--no-kv-unified",
     }
 )
+
+# llama-server flags that would change how the router reaches its child (plain HTTP to
+# 127.0.0.1:<port>/v1/..., no path prefix): in extra_args they would fail every load of the model.
+CHILD_LINK_FLAGS: Final = frozenset({"--api-prefix", "--ssl-key-file", "--ssl-cert-file"})
 
 # Seed keys kept only so seed files load; each explicit use is reported in Settings.warnings.
 _NO_EFFECT_SYSTEM_KEYS: Final[Mapping[str, str]] = {
@@ -475,6 +480,11 @@ class ModelParams(_ConfigModel):
             flag = arg.split("=", 1)[0] if arg.startswith("-") else arg
             if flag in ROUTER_CONTROLLED_FLAGS:
                 raise ValueError(f"{flag!r} is set by the router and cannot be overridden")
+            if flag in CHILD_LINK_FLAGS:
+                raise ValueError(
+                    f"{flag!r} would change how the router reaches its llama-server "
+                    "(plain HTTP on 127.0.0.1, no path prefix)"
+                )
         return value
 
 

@@ -15,6 +15,7 @@ import pytest
 from pydantic import BaseModel
 
 from router.config import (
+    CHILD_LINK_FLAGS,
     ROUTER_CONTROLLED_FLAGS,
     ApiKey,
     ConfigError,
@@ -677,6 +678,15 @@ def test_extra_args_cannot_override_router_flags(tmp_path: Path, args: list[str]
     (problem,) = problems_of(tmp_path, merged(minimal(), at("models.m.params.extra_args", args)))
     flag = next(a.split("=")[0] for a in args if a.split("=")[0] in ROUTER_CONTROLLED_FLAGS)
     assert problem.startswith(f"models.m.params.extra_args: {flag!r} is set by the router")
+
+
+@pytest.mark.parametrize("flag", sorted(CHILD_LINK_FLAGS))
+def test_extra_args_cannot_change_how_the_router_reaches_its_child(
+    tmp_path: Path, flag: str
+) -> None:
+    args = ["--temp", "0.7", f"{flag}=/x"]
+    (problem,) = problems_of(tmp_path, merged(minimal(), at("models.m.params.extra_args", args)))
+    assert problem.startswith(f"models.m.params.extra_args: {flag!r} would change how the router")
 
 
 def test_extra_args_pass_other_flags(tmp_path: Path) -> None:
