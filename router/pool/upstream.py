@@ -12,11 +12,13 @@ request (aiohttp's ``sock_read`` timeout is exactly "no bytes for that long").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import socket
 import sys
 import termios
 import time
+from collections.abc import Iterator
 
 import aiohttp
 
@@ -45,6 +47,17 @@ class UpstreamTimeout(Exception):
 
 class UpstreamBroken(Exception):
     """The connection to the child failed or closed mid-response."""
+
+
+@contextlib.contextmanager
+def transport_errors() -> Iterator[None]:
+    """aiohttp's timeouts and connection failures, as this module's exceptions."""
+    try:
+        yield
+    except asyncio.TimeoutError as error:
+        raise UpstreamTimeout() from error
+    except aiohttp.ClientError as error:
+        raise UpstreamBroken(str(error)) from error
 
 
 class SSEParser:
@@ -113,7 +126,7 @@ class EventReader:
         if parser.done:
             return []
         content = self._content
-        try:
+        with transport_errors():
             delay = hold_until - time.monotonic()
             if delay > 0 and not self._ended:
                 await self._hold(delay)
@@ -125,10 +138,6 @@ class EventReader:
                 payloads = parser.feed(data)
                 if payloads or parser.done:
                     return payloads
-        except asyncio.TimeoutError as error:
-            raise UpstreamTimeout() from error
-        except aiohttp.ClientError as error:
-            raise UpstreamBroken(str(error)) from error
 
     async def _hold(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -204,37 +213,25 @@ class Upstream:
 
     async def open_stream(self, path: str, body: bytes) -> aiohttp.ClientResponse:
         """POST and return the response once its headers are in (caller closes it)."""
-        try:
+        with transport_errors():  # an error body can break off too: the child died mid-reply
             response = await self._session.post(
                 self._base + path, data=body, headers=self._stream_headers, timeout=self._timeout
             )
-        except asyncio.TimeoutError as error:
-            raise UpstreamTimeout() from error
-        except aiohttp.ClientError as error:
-            raise UpstreamBroken(str(error)) from error
-        if response.status != 200:
-            try:
-                payload = await response.read()
-            except asyncio.TimeoutError as error:
-                raise UpstreamTimeout() from error
-            except aiohttp.ClientError as error:  # the child died or hung mid-body
-                raise UpstreamBroken(str(error)) from error
-            finally:
-                response.release()
-            raise UpstreamHTTPError(response.status, payload)
+            if response.status != 200:
+                try:
+                    payload = await response.read()
+                finally:
+                    response.release()
+                raise UpstreamHTTPError(response.status, payload)
         return response
 
     async def post(self, path: str, body: bytes) -> bytes:
         """POST and return the 200 body; UpstreamHTTPError otherwise."""
-        try:
+        with transport_errors():
             async with self._session.post(
                 self._base + path, data=body, headers=self._headers, timeout=self._timeout
             ) as response:
                 payload = await response.read()
-        except asyncio.TimeoutError as error:
-            raise UpstreamTimeout() from error
-        except aiohttp.ClientError as error:
-            raise UpstreamBroken(str(error)) from error
         if response.status != 200:
             raise UpstreamHTTPError(response.status, payload)
         return payload
