@@ -117,12 +117,7 @@ class StatusFileWriter:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            document = render(self._full_status())
-            try:
-                await asyncio.to_thread(write_atomic, self.path, document)
-                self.writes += 1
-            except OSError as error:
-                _LOGGER.warning("cannot write %s: %s", self.path, error)
+            if not await self._write():
                 await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
@@ -131,7 +126,14 @@ class StatusFileWriter:
             return
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        await self._write()  # a failure is a warning, as while running: the shutdown goes on
+
+    async def _write(self) -> bool:
+        """Write the current state; whether it was written (a failure is logged)."""
         try:
             await asyncio.to_thread(write_atomic, self.path, render(self._full_status()))
-        except OSError as error:  # as while running: the rest of the shutdown goes on
+        except OSError as error:
             _LOGGER.warning("cannot write %s: %s", self.path, error)
+            return False
+        self.writes += 1
+        return True
