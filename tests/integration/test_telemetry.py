@@ -75,8 +75,9 @@ async def drive_traffic(router: Router, client: RouterClient) -> list[Samples]:
     """Exercise every path that feeds a metric; return scrapes taken along the way."""
     scrapes = [samples(await scrape(router))]
     # Long enough to arrive in several reads even on a busy machine: a stream read all at once
-    # has no measurable gap between tokens, and the inter-token histogram skips it.
-    await run(client, "chat", max_tokens=256, stream=True)
+    # has no measurable gap between tokens, and the inter-token histogram skips it. (256
+    # tokens, ~0.4 s, once came in one read with the whole suite running on 2 cores.)
+    await run(client, "chat", max_tokens=1024, stream=True)
     await run(client, "chat", max_tokens=8)
     completion = {"prompt": "hello world", "max_tokens": 8}
     [_ async for _ in client.generate("chat", completion, kind="completion")]
