@@ -1,4 +1,4 @@
-"""`python -m tests.bench`: (a) llama-server alone, (b) the router, (c) router + facade.
+"""`python -m tests.bench`: (a) llama-server alone, (b) the router, (c) router + facade, (p) a peer.
 
 One tiny chat model, one llama-server configuration (`-np 8 -c 8192 -t 1`, unified KV cache:
 the router's own argv for that model is reused for the direct server), loopback only. A
@@ -16,8 +16,13 @@ it: `--tracing` exports every span over OTLP/gRPC to a receiver in this process 
 tracing); `--compare JSON` merges JSON into the pair's config (e.g. another
 `system.stream_pacing_ms`).
 
+Target (p), left out with `--no-peer`, is the kind of peer the issue's reference figures came
+from: a single-hop aiohttp proxy (`tests.bench.proxy`), measured in the same rounds, in front of
+its own llama-server with (a)'s argv (so that its idle keep-alive connections cannot hold the
+HTTP threads of (a)'s server). It has no (iv): it loads nothing.
+
 Usage: `python -m tests.bench [--rounds N] [--workloads i,ii,iii,iv] [--out PATH]
-[--tracing | --compare JSON]`.
+[--tracing | --compare JSON] [--no-peer]`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ TARGET_NAMES = {
     "b": "router gRPC",
     "c": "router+facade",
     "d": "(c) variant",
+    "p": "aiohttp proxy",
 }
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # The machine may be shared: a run during which processes other than the bench's used more
@@ -261,6 +267,10 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 def median(values: Sequence[float]) -> float:
     return percentile(values, 0.5)
 
@@ -347,13 +357,18 @@ class Bench:
     stacks: dict[str, Stack] = field(default_factory=dict)  # target "b"/"c" and "d" -> its pair
     sink: SpanSink | None = None
     loadgen: LoadGen | None = None
+    peer: bool = False
+    proxy: Process | None = None
+    proxy_llama: Process | None = None
+    proxy_port: int = 0
     retries: int = 0
     quiet_wait: float = 0.0
     runs: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return ("a", "b", "c", "d") if "d" in self.stacks else ("a", "b", "c")
+        stacks = ("b", "c", "d") if "d" in self.stacks else ("b", "c")
+        return ("a", *stacks, *(("p",) if self.proxy is not None else ()))
 
     def _stack_for(self, target: str) -> Stack:
         return self.stacks["d" if target == "d" else "c"]
@@ -398,6 +413,8 @@ class Bench:
             self.stacks["d"] = self._start_stack("traced", traced)
         elif self.compare is not None:
             self.stacks["d"] = self._start_stack("variant", self.compare)
+        if self.peer:
+            self.start_peer()
         for stack in self.stacks.values():
             wait_http(f"http://127.0.0.1:{stack.http_port}/health", stack.facade)
             asyncio.run(self._admin(stack, "load"))
@@ -419,6 +436,18 @@ class Bench:
 
         self.direct = direct = self.procs.start("direct", self.direct_argv)
         wait_http(f"http://127.0.0.1:{self.direct_port}/health", direct)
+
+    def start_peer(self) -> None:
+        """Start (p): the proxy and its own llama-server, and wait for both to answer."""
+        llama_port, self.proxy_port = free_port(), free_port()
+        argv = [*self.direct_argv]
+        argv[argv.index("--port") + 1] = str(llama_port)
+        self.proxy_llama = llama = self.procs.start("proxy-llama", argv)
+        wait_http(f"http://127.0.0.1:{llama_port}/health", llama)
+        upstream = f"http://127.0.0.1:{llama_port}"
+        argv = [PYTHON, "-m", "tests.bench.proxy", str(self.proxy_port), upstream]
+        self.proxy = self.procs.start("proxy", argv)
+        wait_http(f"http://127.0.0.1:{self.proxy_port}/health", self.proxy)
 
     def start_loadgen(self) -> None:
         self.loadgen = LoadGen(
@@ -447,7 +476,7 @@ class Bench:
             "requests": workload.requests,
         }
         if target == "a":
-            headers = {"Authorization": f"Bearer {self.key}"}
+            headers = _bearer(self.key)
             if workload.stream:  # llama-server closes every streamed connection anyway
                 headers["Connection"] = "close"
             url = f"http://127.0.0.1:{self.direct_port}/v1/chat/completions"
@@ -457,6 +486,9 @@ class Bench:
             # requests in 5.2 s instead of 0.2 s). Requests beyond the slots would only queue
             # inside llama-server anyway.
             return {**base, "via": "http", "target": url, "headers": headers, "in_flight": SLOTS}
+        if target == "p":
+            url = f"http://127.0.0.1:{self.proxy_port}/v1/chat/completions"
+            return {**base, "via": "http", "target": url, "headers": _bearer(self.key)}
         stack = self._stack_for(target)
         if target == "b":
             return {**base, "via": "grpc", "target": f"127.0.0.1:{stack.grpc_port}"}
@@ -498,13 +530,19 @@ class Bench:
         assert self.direct is not None
         if target == "a":
             return self.direct.cpu_seconds()
+        if target == "p":
+            assert self.proxy_llama is not None
+            return self.proxy_llama.cpu_seconds()
         router = self._stack_for(target).router
         return tree_cpu_seconds(router.pid) - router.cpu_seconds()
 
     def _measure_once(self, target: str, workload: Workload) -> dict[str, Any]:
         assert self.loadgen is not None
         watched = {"loadgen": self.loadgen.process}
-        if target != "a":
+        if target == "p":
+            assert self.proxy is not None
+            watched["proxy"] = self.proxy
+        elif target != "a":
             stack = self._stack_for(target)
             watched["router"] = stack.router
             if target != "b":
@@ -570,7 +608,7 @@ class Bench:
                 for target in order:
                     self.record(workload.key, target, self.measure(target, workload))
         if COLD.key in selected:
-            for target in order:
+            for target in (t for t in order if t != "p"):
                 self.record(COLD.key, target, self.cold(target))
             # The cold requests reloaded the models: warm the fresh children before the next round.
             self._measure_once("b", WARM_UP)
@@ -665,6 +703,7 @@ def render(report: dict[str, Any]) -> str:
             cpu_key = "cpu_s_per_1k_tokens" if per_1k else "cpu_ms_per_request"
             unit = " s/1k" if per_1k else " ms/rq"
             cold = key == COLD.key
+            hop = "proxy_" if target == "p" else "router_"
             lines.append(
                 f"{'':<5} {'(' + target + ') ' + TARGET_NAMES[target]:<17} "
                 f"{_fmt(None if cold else m.get('tok_s'), '.0f'):>7} "
@@ -677,7 +716,7 @@ def render(report: dict[str, Any]) -> str:
                 f"{_fmt(None if cold else vs['tok_s_ratio_paired'], '.3f'):>7} "
                 f"{'-' if cold else _range(vs['tok_s_ratio_paired_range']):>12} "
                 f"{_fmt(vs['ttft_p50_delta_ms'], '+.1f'):>8} "
-                f"{_fmt(None if cold else m.get('router_' + cpu_key), '.3f', unit):>11} "
+                f"{_fmt(None if cold else m.get(hop + cpu_key), '.3f', unit):>11} "
                 f"{_fmt(None if cold else m.get('facade_' + cpu_key), '.3f', unit):>11}"
             )
     lines.append(
@@ -686,7 +725,8 @@ def render(report: dict[str, Any]) -> str:
         "those (req/s ratios are the same: a "
         "workload's tokens per request are fixed); CPU per 1,000 "
         "streamed tokens (iii: per request) of the process itself, children excluded; (iv) for "
-        "(a) is spawn -> first token of a fresh llama-server, for (b)/(c) request -> first token"
+        "(a) is spawn -> first token of a fresh llama-server, for (b)/(c) request -> first "
+        "token; (p)'s CPU is the proxy's, in the router column"
     )
     coalescing = []
     for key, entry in report["results"].items():
@@ -751,6 +791,9 @@ def main(argv: list[str] | None = None) -> None:
         help='also (d): router+facade with this merged into its config, e.g. \'{"system": '
         '{"stream_pacing_ms": 4}}\'',
     )
+    parser.add_argument(
+        "--no-peer", action="store_true", help="leave out (p), the single-hop aiohttp proxy"
+    )
     keys = [w.key for w in (*WORKLOADS, COLD)]
     parser.add_argument(
         "--workloads",
@@ -775,7 +818,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average before: {load_before}", flush=True)
     with workspace() as workdir:
         procs = Processes(logs)
-        bench = Bench(workdir, procs, tracing=args.tracing, compare=args.compare)
+        bench = Bench(
+            workdir, procs, tracing=args.tracing, compare=args.compare, peer=not args.no_peer
+        )
         # A SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so every process started is stopped.
         signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
