@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(debug=settings.debug, structured=settings.telemetry.structured_logs)
     if settings.debug:  # setup_logging quiets the access log, which DEBUG turns on here
         logging.getLogger("aiohttp.access").setLevel(logging.INFO)
+    if settings.grpc.port == 0:
+        sys.exit(
+            "facade: grpc.port is 0, which lets the router take any free port, one the facade "
+            "cannot know: set the port the router listens on"
+        )
     if exposed:
         _LOGGER.warning("%s", INSECURE_LISTEN_WARNING)
     ssl_context = None

@@ -104,7 +104,6 @@ class StatusFileWriter:
         self._full_status = full_status
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.writes = 0
 
     def start(self) -> None:
         self._dirty.set()
@@ -135,5 +134,4 @@ class StatusFileWriter:
         except OSError as error:
             _LOGGER.warning("cannot write %s: %s", self.path, error)
             return False
-        self.writes += 1
         return True

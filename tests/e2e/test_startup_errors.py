@@ -32,10 +32,23 @@ def test_the_facade_on_a_taken_port_says_so(tmp_path: Path, tiny_chat: Path) -> 
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        config = write_config(tmp_path, {"chat": chat_model(tiny_chat)}, api={"port": port})
+        config = write_config(
+            tmp_path, {"chat": chat_model(tiny_chat)}, grpc_port=free_port(), api={"port": port}
+        )
         result = run("facade", config)
     assert result.returncode == 1
     assert f"facade: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_facade_refuses_an_ephemeral_router_port(tmp_path: Path, tiny_chat: Path) -> None:
+    # Before: it started, and every request failed on a channel to port 0.
+    config = write_config(
+        tmp_path, {"chat": chat_model(tiny_chat)}, grpc_port=0, api={"port": free_port()}
+    )
+    result = run("facade", config)
+    assert result.returncode == 1
+    assert "facade: grpc.port is 0" in result.stderr
     assert "Traceback" not in result.stderr
 
 
