@@ -14,6 +14,10 @@ so annotating a new RPC in the proto adds its route with no code here:
   field, `data:` that field as proto-JSON, `id:` the response's `event_id` field when it has one.
   A route may render its events otherwise (`frames`): the seed's status stream keeps the seed's
   payloads (`facade.status.seed_status_frame`); it is built, called and resumed the same way.
+  The HTTP headers go out as soon as the router has taken the call (a resume with nothing to
+  replay answers at once), and a refusal before that is the HTTP status, except that a router
+  that does not answer gets a 200 stream with one `error` event: an EventSource retries that,
+  while after an HTTP error it gives up for good.
 
 A path variable wins over the same field in the body.
 """
@@ -27,6 +31,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+import grpc
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
@@ -34,7 +39,7 @@ from google.protobuf import descriptor, json_format, message_factory
 from google.protobuf.message import Message
 
 from clients import map_rpc_errors
-from facade.context import call_metadata, read_body
+from facade.context import call_metadata, json_object, json_value, read_body
 from facade.errors import ApiError
 from facade.keys import CLIENT, STREAMS
 from facade.sse import bridge_error_frame, event_frame
@@ -185,6 +190,9 @@ def _handler(binding: Binding, frame: FrameRenderer) -> Handler:
 async def _stream(request: web.Request, call: Any, frame: FrameRenderer) -> web.StreamResponse:
     async with request.app[STREAMS].open(request, bridge_error_frame) as stream:
         async with contextlib.aclosing(_responses(call)) as responses:
+            await call.initial_metadata()  # the router took the call, or it ended first
+            if not call.done() or await call.code() == grpc.StatusCode.UNAVAILABLE:
+                await stream.start()
             async for response in responses:
                 await stream.write(frame(response))
     return stream.response
@@ -262,12 +270,17 @@ def query_fields(binding: Binding) -> list[str]:
 
 
 def _parse_body(text: str, body: str, message: Message) -> None:
+    if body == "*":
+        value = json_object(text) if text.strip() else {}
+    else:
+        value = {body: json_value(text)}
     try:
-        if body == "*":
-            json_format.Parse(text.strip() or "{}", message)
-        else:
-            json_format.ParseDict({body: json.loads(text)}, message)
-    except (json_format.ParseError, ValueError) as error:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # "\ud800": no protobuf string takes a lone surrogate
+        raise ApiError(400, "the request body contains an unpaired UTF-16 surrogate") from None
+    try:
+        json_format.ParseDict(value, message)
+    except json_format.ParseError as error:
         raise ApiError(400, f"invalid request body: {error}") from None
 
 

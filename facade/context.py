@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import uuid
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -12,7 +13,15 @@ from facade.errors import ApiError
 from facade.keys import CLIENT, REQUEST_ID, SETTINGS
 from router.v1 import model_control_service_pb2
 
-__all__ = ["call_metadata", "check_monitor_scope", "priority", "read_body", "request_id"]
+__all__ = [
+    "call_metadata",
+    "check_monitor_scope",
+    "json_object",
+    "json_value",
+    "priority",
+    "read_body",
+    "request_id",
+]
 
 _MAX_REQUEST_ID = 128
 _PRIORITIES: Final[dict[str, Priority]] = {"high": "high", "normal": "normal", "low": "low"}
@@ -79,6 +88,34 @@ async def read_body(request: web.Request) -> str:
         return raw.decode()
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not valid UTF-8") from None
+
+
+def json_value(text: str) -> Any:
+    """The JSON value of a request body; `ApiError` 400 saying what is wrong with it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ApiError(
+            400,
+            f"the request body is not valid JSON: {error.msg} (line {error.lineno}, "
+            f"column {error.colno})",
+        ) from None
+    except RecursionError:
+        # json's C decoder recurses per array/object level and gives up at the interpreter's
+        # recursion limit: e.g. `[` * 100000 is a client mistake (or probe), not a facade bug.
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError:
+        # Python refuses to read an integer of more than 4,300 digits (a guard against
+        # quadratic conversion): also the client's to fix.
+        raise ApiError(400, "the request body has an integer with too many digits") from None
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """Like `json_value`, for a body that must be a JSON object."""
+    body = json_value(text)
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
 
 
 async def check_monitor_scope(request: web.Request, timeout: float) -> None:

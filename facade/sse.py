@@ -148,14 +148,14 @@ class EventStream:
     async def write(self, data: bytes) -> None:
         """Send frames, sending the headers first if they have not gone out."""
         if not self._started:
-            await self._start()
+            await self.start()
         self._writes += 1
         await self.response.write(data)
 
     async def close(self, last: bytes = b"") -> None:
         """Send `last` (e.g. `DONE`) with the end of the body."""
         if not self._started:
-            await self._start()
+            await self.start()
         self._closed = True
         await self.response.write_eof(last)
 
@@ -166,8 +166,8 @@ class EventStream:
             self._task.cancel()
         return self._task
 
-    async def _start(self) -> None:
-        # The handler and the keep-alive task may both try; the headers go out once.
+    async def start(self) -> None:
+        """Send the headers now, before the first frame (once, whoever asks first)."""
         async with self._prepare_lock:
             if not self._started:
                 await self.response.prepare(self._request)

@@ -229,6 +229,9 @@ class Router:
         if self._info.state is ServerState.SHUTTING_DOWN:
             return
         self._set_state(ServerState.SHUTTING_DOWN)
+        # Status streams end with that update; open ones would otherwise hold the graceful stop
+        # for all of grpc.grace_sec.
+        self.hub.close()
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.grpc.grace_sec)

@@ -5,6 +5,9 @@ that resumes with ``<epoch>-<revision>`` gets the events it missed from a
 bounded history; one from another epoch, or too far behind, gets a fresh full
 snapshot. A subscriber that stops reading is resynchronised the same way
 instead of growing an unbounded buffer (seed defect: unbounded SSE queues).
+A heartbeat carries the revision its subscriber last received, so resuming
+from it never skips an event still queued. ``close()`` (the router is
+stopping) ends every subscription once it has delivered what was published.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import enum
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from router.pool.snapshot import ModelSnapshot
@@ -83,6 +86,13 @@ class StatusHub:
         self._history: deque[StatusEvent] = deque(maxlen=history)
         self._buffer = subscriber_buffer
         self._subscribers: set[_Subscriber] = set()
+        self._closed = False
+
+    def close(self) -> None:
+        """End every subscription after the events already published (the router stops)."""
+        self._closed = True
+        for subscriber in self._subscribers:
+            subscriber.wakeup.set()
 
     def publish(self, payload: ModelSnapshot | ServerSnapshot) -> None:
         self.revision += 1
@@ -113,33 +123,41 @@ class StatusHub:
 
     async def subscribe(
         self, last_event_id: str = "", heartbeat_sec: float = 15.0
-    ) -> AsyncIterator[StatusEvent]:
+    ) -> AsyncGenerator[StatusEvent, None]:
         subscriber = _Subscriber()
         self._subscribers.add(subscriber)
         try:
             replay = self._replay_after(last_event_id) if last_event_id else None
             if replay is None:
-                yield StatusEvent(self.revision, self.epoch, self._full_status())
+                delivered = self.revision
+                yield StatusEvent(delivered, self.epoch, self._full_status())
             else:
+                delivered = int(last_event_id.rpartition("-")[2])
                 for event in replay:
+                    delivered = event.revision
                     yield event
-                subscriber.events = deque(
-                    e for e in subscriber.events if not replay or e.revision > replay[-1].revision
-                )
+                subscriber.events = deque(e for e in subscriber.events if e.revision > delivered)
             while True:
                 if subscriber.lagged:
                     subscriber.lagged = False
                     subscriber.events.clear()
-                    yield StatusEvent(self.revision, self.epoch, self._full_status())
+                    delivered = self.revision
+                    yield StatusEvent(delivered, self.epoch, self._full_status())
                     continue
                 if subscriber.events:
-                    yield subscriber.events.popleft()
+                    event = subscriber.events.popleft()
+                    delivered = event.revision
+                    yield event
                     continue
+                if self._closed:
+                    return
                 subscriber.wakeup.clear()
                 try:
                     await asyncio.wait_for(subscriber.wakeup.wait(), heartbeat_sec)
                 except asyncio.TimeoutError:
+                    if subscriber.events or subscriber.lagged:
+                        continue  # a change came as the timer fired: it goes first
                     state = self._full_status().server.state
-                    yield StatusEvent(self.revision, self.epoch, Heartbeat(time.time(), state))
+                    yield StatusEvent(delivered, self.epoch, Heartbeat(time.time(), state))
         finally:
             self._subscribers.discard(subscriber)

@@ -11,11 +11,11 @@ because the router takes their inputs as typed lists.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from clients import GenerateKind
+from facade.context import json_object
 from facade.errors import ApiError
 
 __all__ = [
@@ -54,27 +54,6 @@ def _invalid(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise _invalid(
-            f"the request body is not valid JSON: {error.msg} (line {error.lineno}, "
-            f"column {error.colno})"
-        ) from None
-    except RecursionError:
-        # json's C decoder recurses per array/object level and gives up at the interpreter's
-        # recursion limit: e.g. `[` * 100000 is a client mistake (or probe), not a facade bug.
-        raise _invalid("the request body is nested too deeply") from None
-    except ValueError:
-        # Python refuses to read an integer of more than 4,300 digits (a guard against
-        # quadratic conversion): also the client's to fix.
-        raise _invalid("the request body has an integer with too many digits") from None
-    if not isinstance(body, dict):
-        raise _invalid("the request body must be a JSON object")
-    return body
-
-
 def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if model is None or model == "":
@@ -103,7 +82,7 @@ def _stream(body: dict[str, Any]) -> bool:
 
 def parse_generation_request(text: str, kind: GenerateKind) -> GenerationRequest:
     """Check a chat (`kind` "chat") or text completion body; `ApiError` 400 names the field."""
-    body = _json_object(text)
+    body = json_object(text)
     model, stream = _model(body), _stream(body)
     if kind == "chat":
         messages = body.get("messages")
@@ -170,7 +149,7 @@ def _check_strings(
 
 def parse_embedding_request(text: str) -> EmbeddingRequest:
     """Check an embeddings body: `input` is a string, strings, token ids or token id lists."""
-    body = _json_object(text)
+    body = json_object(text)
     model = _model(body)
     encoding_format = body.get("encoding_format", "float")
     if encoding_format not in ("float", "base64"):

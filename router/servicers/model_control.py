@@ -107,6 +107,9 @@ class ModelControlServicer(model_control_service_pb2_grpc.ModelControlServiceSer
         self, request: mpb.WatchModelsRequest, context: Context
     ) -> AsyncIterator[mpb.WatchModelsResponse]:
         principal = current_principal()
+        # Headers first: a resume with nothing to replay has no event to carry them until
+        # the first heartbeat, and the facade answers its HTTP client once they arrive.
+        await context.send_initial_metadata(())
         async for event in self._hub.subscribe(request.last_event_id, self._heartbeat_sec):
             payload = event.payload
             if isinstance(payload, ModelSnapshot) and not principal.may_use(payload.alias):

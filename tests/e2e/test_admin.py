@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
@@ -173,6 +174,18 @@ async def test_the_status_stream_follows_a_load_and_an_unload(stack: Stack) -> N
         async with session.get("/v1/models/status/stream?last_event_id=other-3") as response:
             event, _, _ = await EventReader(response).next()
         assert event == "full_status"
+
+
+async def test_a_resume_with_nothing_to_replay_answers_at_once(stack: Stack) -> None:
+    # Before: its headers waited for the first event, the router's heartbeat 15 s later (or
+    # the facade's second keep-alive comment), and clients saw a stalled reconnect.
+    async with aiohttp.ClientSession(stack.base_url) as session:
+        async with session.get("/v1/models/status/stream") as response:
+            _, latest, _ = await EventReader(response).next()
+        resumed = session.get("/v1/models/status/stream", headers={"Last-Event-ID": latest})
+        async with await asyncio.wait_for(resumed, 5) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "text/event-stream"
 
 
 # The status file belongs to the monitor scope

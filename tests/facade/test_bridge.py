@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
 from google.protobuf import descriptor_pb2, descriptor_pool, timestamp_pb2
 
+from clients import RouterClient
 from facade import bridge, status
 from facade.app import create_app
 from router.v1 import model_control_service_pb2 as mpb
 from router.v1 import model_pb2
 from tests.clients.fake_router import make_model, rich_status
 from tests.facade.conftest import Facade, facade_settings, mounted_routes
+from tests.helpers import free_port
 
 # (HTTP method, path, body) -> (RPC, request fields): every seed management path, plus ours.
 SEED_PATHS: list[Any] = [
@@ -141,8 +144,14 @@ async def test_the_path_wins_over_the_body(models: Facade) -> None:
     [
         ('{"model": "chat", "colour": "red"}', "colour"),
         ('{"model": "chat", "force": "yes"}', "force"),
-        ("{not json", "invalid request body"),
-        ("[1]", "invalid request body"),
+        ("{not json", "not valid JSON"),
+        # Before: parsed as {} (an action taken on a malformed body), or a 400 whose message
+        # showed protobuf's or Python's internals.
+        ("[1]", "must be a JSON object"),
+        ("[]", "must be a JSON object"),
+        ('{"\\ud800": 1}', "unpaired UTF-16 surrogate"),
+        ('{"model": "\\udc00"}', "unpaired UTF-16 surrogate"),
+        ('{"model": "chat", "force": ' + "1" * 5000 + "}", "too many digits"),
     ],
 )
 async def test_bad_bodies_are_400(models: Facade, body: str, message: str) -> None:
@@ -479,6 +488,23 @@ async def test_a_stream_failure_is_an_error_event(models: Facade) -> None:
     assert body == frame("full_status", "ep-7", SEED_FULL_STATUS) + (
         f"event: error\ndata: {json.dumps(error, separators=(',', ':'))}\n\n".encode()
     )
+
+
+async def test_a_router_that_does_not_answer_gets_a_stream_an_event_source_retries(
+    tmp_path: Path,
+) -> None:
+    # Before: a 503, after which an EventSource (a dashboard) gives up for good.
+    async with RouterClient(f"127.0.0.1:{free_port()}") as client:
+        app = create_app(facade_settings(tmp_path), client=client)
+        async with TestClient(TestServer(app)) as http:
+            response = await http.get("/v1/models/status/stream")
+            body = await response.read()
+
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+    event, data = body.decode().split("\n", 1)
+    assert event == "event: error"
+    assert json.loads(data.removeprefix("data: "))["error"]["code"] == "router_unavailable"
 
 
 async def test_a_stream_refused_at_once_keeps_its_status(models: Facade) -> None:

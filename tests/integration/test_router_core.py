@@ -22,8 +22,10 @@ from clients import (
     ModelNotFoundError,
     RouterClient,
     UnavailableError,
+    WatchEvent,
 )
 from clients.errors import InvalidRequestError, WrongModelKindError
+from router.server import Router
 from router.v1 import inference_service_pb2 as ipb
 from router.v1 import inference_service_pb2_grpc
 from router.v1 import model_control_service_pb2 as mpb
@@ -357,3 +359,32 @@ async def test_status_answers_while_a_model_loads(tmp_path: Path, tiny_chat: Pat
         assert models.models[0].state in ("starting", "loading")
         ready = await load
         assert ready.state == "ready" and ready.pid > 0 and ready.port > 0
+
+
+async def test_a_graceful_stop_ends_open_status_streams(tmp_path: Path, tiny_chat: Path) -> None:
+    # Before: an open WatchModels held every stop for all of grpc.grace_sec, then was cancelled.
+    grace = 5.0
+    grpc_section = {"host": "127.0.0.1", "port": 0, "grace_sec": grace}
+    settings = settings_for(tmp_path, {"chat": chat_model(tiny_chat)}, grpc=grpc_section)
+    router = Router(settings)
+    port = await router.start()
+    events: list[WatchEvent] = []
+    subscribed = asyncio.Event()
+
+    async def watch(client: RouterClient) -> None:
+        async for event in client.watch():
+            events.append(event)
+            subscribed.set()
+
+    try:
+        async with RouterClient(f"127.0.0.1:{port}") as client:
+            watcher = asyncio.create_task(watch(client))
+            await asyncio.wait_for(subscribed.wait(), 5)
+            started = time.monotonic()
+            await router.stop()
+            stopped_in = time.monotonic() - started
+            await asyncio.wait_for(watcher, 1)  # ended, and without an error
+    finally:
+        await router.stop()
+    assert stopped_in < grace / 2
+    assert (events[-1].kind, events[-1].server_state) == ("server_update", "shutting_down")
