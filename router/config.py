@@ -288,6 +288,14 @@ class ApiConfig(_ConfigModel):
     max_body_bytes: Int = Field(8 * _MIB, ge=_KIB, le=256 * _MIB)
     tls: TlsFiles | None = None  # HTTPS for the facade (client_* keys unused here)
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest gRPC request a body within ``max_body_bytes`` becomes. Protobuf takes
+        at most 5/4 of the JSON's bytes: an embeddings input of one-token arrays spends 5
+        bytes (framing and varint) on each 4-byte ``[0],``; text, bigger ids and longer
+        arrays take less than their JSON. Plus room for the request's other fields."""
+        return self.max_body_bytes * 5 // 4 + 64 * _KIB
+
 
 class GrpcConfig(_ConfigModel):
     """The router's gRPC listener; the facade finds the router here too."""

@@ -69,6 +69,9 @@ MAX_HOLD_SEC = 0.025
 _CHAT_TEXT = ('{"choices":[{"finish_reason":null,"index":0,"delta":{"content":', "}}],")
 _COMPLETION_TEXT = ('{"choices":[{"text":', ',"index":0,"logprobs":null,"finish_reason":null}],')
 _json_value = json.JSONDecoder().raw_decode
+# llama-server's error (a 500) for an embedding input longer than its micro-batch: the input
+# can never succeed on this model, so it is the caller's error, not a retryable failure.
+_TOO_LONG_TO_EMBED = b"too large to process"
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +559,12 @@ class Engine:
                 try:
                     payload = await lease.upstream.post("/v1/embeddings", body)
                 except (UpstreamHTTPError, UpstreamTimeout, UpstreamBroken) as error:
+                    if isinstance(error, UpstreamHTTPError) and _TOO_LONG_TO_EMBED in error.body:
+                        raise InvalidRequest(
+                            f"an input is longer than model '{model}' embeds at once "
+                            f"({supervisor.settings.spec.micro_batch} tokens)",
+                            metadata={"param": "input"},
+                        ) from None
                     raise await _failure(error, lease, supervisor) from None
                 result = _embeddings(payload, len(inputs))
                 outcome.prompt_tokens = result.usage.prompt_tokens

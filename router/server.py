@@ -50,8 +50,6 @@ SERVICE_NAMES = (
     inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     model_control_service_pb2.DESCRIPTOR.services_by_name["ModelControlService"].full_name,
 )
-# Room for protobuf framing around the largest body the facade accepts.
-_MESSAGE_OVERHEAD = 64 * 1024
 _MAX_SEND_BYTES = 256 * 1024 * 1024
 
 
@@ -172,11 +170,11 @@ class Router:
             otel = aio_server_interceptor()  # type: ignore[no-untyped-call]
             # Inside OpenTelemetry's, within its span: records the calls that end early.
             interceptors[:0] = [otel, CancelledCallInterceptor()]
-        body_limit = self.settings.api.max_body_bytes + _MESSAGE_OVERHEAD
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", body_limit),
+                # What the facade sends for the largest body it accepts.
+                ("grpc.max_receive_message_length", self.settings.api.max_message_bytes),
                 ("grpc.max_send_message_length", _MAX_SEND_BYTES),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

@@ -39,6 +39,12 @@ class LaunchSpec:
     chat_template: str | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
+    @property
+    def micro_batch(self) -> int:
+        """Tokens llama-server computes at once (its default 512, capped by the batch): the
+        longest input an embedding model takes."""
+        return min(self.ubatch_size or 512, self.n_batch)
+
 
 def build_command(spec: LaunchSpec, *, port: int, api_key_file: Path) -> list[str]:
     """Return the argv that starts ``spec`` on 127.0.0.1:``port``.

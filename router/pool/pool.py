@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from router.config import ModelConfig, Settings
+from router.config import ModelConfig, ModelParams, Settings
 from router.errors import DeadlineExceeded, ModelNotFound, Unavailable
 from router.pool.command import EMBEDDED_SERVER, LaunchSpec
 from router.pool.health import LivenessMonitor
@@ -54,10 +54,29 @@ class Reservation:
     memory_mib: int
 
 
+# The largest batch an embedding model gets by default (batch_override's own ceiling).
+EMBEDDING_BATCH_CAP = 4096
+
+
+def _batch_sizes(params: ModelParams) -> tuple[int, int | None]:
+    """(--batch-size, --ubatch-size or None for llama-server's default).
+
+    llama-server embeds each input in one micro-batch and refuses a longer input. So an
+    embedding model whose config sets neither batch gets both at its context (up to
+    EMBEDDING_BATCH_CAP): any input that fits the context embeds, where llama-server's
+    defaults would refuse inputs past 256-512 tokens.
+    """
+    if params.embedding and params.batch_override is None and params.ubatch_size is None:
+        size = min(params.n_ctx, EMBEDDING_BATCH_CAP)
+        return size, size
+    return params.batch_override or params.n_batch, params.ubatch_size
+
+
 def launch_spec(alias: str, model: ModelConfig, settings: Settings) -> LaunchSpec:
     system = settings.system
     params = model.params
     server_path = system.llama_server_path
+    n_batch, ubatch_size = _batch_sizes(params)
     return LaunchSpec(
         alias=alias,
         model_path=model.resolved_path,
@@ -65,8 +84,8 @@ def launch_spec(alias: str, model: ModelConfig, settings: Settings) -> LaunchSpe
         n_ctx=params.n_ctx,
         slots=model.slots(system),
         n_gpu_layers=params.n_gpu_layers,
-        n_batch=params.batch_override or params.n_batch,
-        ubatch_size=params.ubatch_size,
+        n_batch=n_batch,
+        ubatch_size=ubatch_size,
         threads=params.threads or system.cpu_threads,
         type_k=params.type_k,
         type_v=params.type_v,

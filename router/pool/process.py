@@ -25,6 +25,9 @@ _LOGGER = logging.getLogger(__name__)
 # Probes close their connection: an idle pooled socket per child would only sit there.
 CLOSE = {"Connection": "close"}
 _DRAIN_READ_BYTES = 65536
+# SIGKILL cannot be ignored: a process not reaped this long after it is stuck in the kernel
+# (e.g. in a GPU driver call) for as long as the kernel keeps it.
+REAP_TIMEOUT_SEC = 5.0
 
 
 class LogRing:
@@ -206,8 +209,14 @@ class ChildProcess:
             )
             delay = min(delay * 2, 0.1)
 
-    async def stop(self, grace: float) -> int:
-        """SIGTERM the process group, SIGKILL after ``grace``, and reap. Idempotent."""
+    async def stop(self, grace: float) -> int | None:
+        """SIGTERM the process group, SIGKILL after ``grace``, and reap. Idempotent.
+
+        Returns the exit code, or None when the process is not reaped ``REAP_TIMEOUT_SEC``
+        after SIGKILL: waiting on would hold the caller (a failed load keeping its device's
+        load turn, an unload, the router's shutdown) for as long as the kernel keeps it.
+        ``running`` then stays true, and ``exited`` resolves if it is reaped later.
+        """
         if self.running:
             self._signal_group(signal.SIGTERM)
             done, _ = await asyncio.wait({self.exited}, timeout=grace)
@@ -216,7 +225,16 @@ class ChildProcess:
                 self._signal_group(signal.SIGKILL)
         # The process itself, not `exited`: the reap task may have been cancelled (an event
         # loop closing cancels every task), and then `exited` would never resolve.
-        returncode = await self._process.wait()
+        try:
+            returncode = await asyncio.wait_for(self._process.wait(), REAP_TIMEOUT_SEC)
+        except asyncio.TimeoutError:
+            _LOGGER.error(
+                "%s: pid %d not reaped %g s after SIGKILL; going on without it",
+                self._name,
+                self.pid,
+                REAP_TIMEOUT_SEC,
+            )
+            return None
         if not self.exited.done():
             self.exited.set_result(returncode)
         await asyncio.wait({self._drain_task})

@@ -460,7 +460,7 @@ class Supervisor:
             n_gpu_layers=spec.n_gpu_layers,
             type_k=spec.type_k,
             type_v=spec.type_v,
-            ubatch=min(spec.ubatch_size or 512, spec.n_batch),
+            ubatch=spec.micro_batch,
             slots=spec.slots,
             on_gpu=self.settings.on_gpu,
         )

@@ -388,3 +388,38 @@ async def test_a_graceful_stop_ends_open_status_streams(tmp_path: Path, tiny_cha
         await router.stop()
     assert stopped_in < grace / 2
     assert (events[-1].kind, events[-1].server_state) == ("server_update", "shutting_down")
+
+
+async def test_embedding_inputs_are_bounded_by_the_context_not_a_default_batch(
+    tmp_path: Path, tiny_embed: Path
+) -> None:
+    # Before: with no batch settings, inputs past llama-server's default batch (256 tokens)
+    # failed, and as a retryable 503; now the default batch covers the context, and an input
+    # past a configured micro-batch is the caller's 400.
+    long_input = " ".join(["hello world the router"] * 80)  # some 300 tokens
+    models = {
+        "default": {"model_path": str(tiny_embed), "params": {"n_ctx": 512, "embedding": True}},
+        "small": embed_model(tiny_embed, n_ctx=512, ubatch_size=128, batch_override=128),
+    }
+    async with running_router(settings_for(tmp_path, models)) as (_, client):
+        result = await client.embed("default", [long_input])
+        assert 128 < result.prompt_tokens <= 512
+        with pytest.raises(InvalidRequestError, match=r"embeds at once \(128 tokens\)"):
+            await client.embed("small", [long_input])
+
+
+async def test_a_body_within_the_limit_is_never_too_large_for_the_router(
+    tmp_path: Path, tiny_embed: Path
+) -> None:
+    # Before: one-token arrays take 5 bytes of protobuf for every 4 of JSON, and a body within
+    # api.max_body_bytes got RESOURCE_EXHAUSTED (a 413) instead of the router's own answer.
+    limit = 1024 * 1024
+    inputs = [[0]] * (limit // 4 - 16)
+    assert len(json.dumps({"model": "embed", "input": inputs}, separators=(",", ":"))) <= limit
+    settings = settings_for(
+        tmp_path, {"embed": embed_model(tiny_embed)}, api={"max_body_bytes": limit}
+    )
+    async with running_router(settings) as (router, _):
+        async with RouterClient(f"127.0.0.1:{router.port}", max_message_bytes=2 * limit) as client:
+            with pytest.raises(InvalidRequestError, match="too many inputs"):
+                await client.embed("embed", inputs)

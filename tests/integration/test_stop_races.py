@@ -8,7 +8,9 @@ Each case was found by reading the supervisor, and each failed before its fix:
 - a forced unload during a draining unload waited for the drain;
 - a request granted a slot just before a graceful unload was told its model had crashed.
 - a crash during a draining unload, then a reload: the stop killed the new child and
-  released its room.
+  released its room;
+- a child the kernel never reaps held its failed load's stop, and the device's load turn,
+  forever.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pytest
 from clients import End, GenerateEvent, RouterClient, UnavailableError
 from router.config import Settings
 from router.errors import RouterError
+from router.pool import process as process_module
 from router.pool import supervisor as supervisor_module
 from router.pool.process import ChildProcess
 from router.pool.state import ModelState
@@ -71,7 +74,7 @@ async def test_a_forced_unload_during_a_timed_out_loads_stop_finishes_it(
     stopping = asyncio.Event()
     stop = ChildProcess.stop
 
-    async def stop_and_tell(child: ChildProcess, grace: float) -> int:
+    async def stop_and_tell(child: ChildProcess, grace: float) -> int | None:
         stopping.set()
         return await stop(child, grace)
 
@@ -217,3 +220,41 @@ async def test_a_crash_during_a_drain_leaves_the_reload_alone(
         assert supervisor.state is ModelState.READY
         assert supervisor.child is reloaded and reloaded.running
         assert "m" in router.pool.reservations()  # its room is accounted
+
+
+async def test_a_child_the_kernel_does_not_reap_does_not_hold_its_load_forever(
+    tmp_path: Path, tiny_chat: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process stuck in the kernel (say, in a GPU driver call) is never reaped, SIGKILL or
+    # not. Simulated at the process seam: the router's wait for its exit never returns. Before:
+    # the failed load's stop waited forever, holding the device's load turn, and every request
+    # for a model on that device waited with it.
+    spawn = asyncio.create_subprocess_exec
+
+    async def unreapable(*argv: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        process = await spawn(*argv, **kwargs)
+
+        async def never() -> int:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        process.wait = never  # type: ignore[method-assign]
+        return process
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", unreapable)
+    monkeypatch.setattr(process_module, "REAP_TIMEOUT_SEC", 0.5)
+    settings = one_fake_model(
+        tmp_path,
+        tiny_chat,
+        "m",
+        "--load-delay 1000",  # never ready: the load times out and stops its child
+        wait_ready_sec=1,
+        model_load_max_retries=0,
+        stop_grace_sec=0.5,
+    )
+    async with running_router(settings) as (router, client):
+        started = time.monotonic()
+        with pytest.raises(UnavailableError):
+            await asyncio.wait_for(drain(client, "m"), 10)
+        assert time.monotonic() - started < 5
+        assert router.pool.reservations() == {}

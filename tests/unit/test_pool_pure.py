@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from router.config import Settings
 from router.pool.command import LaunchSpec, build_command, with_death_signal
 from router.pool.failures import FailureKind, classify_exit
+from router.pool.pool import launch_spec
 from router.pool.registry import ChildRegistry
 from router.pool.state import TRANSITIONS, InvalidTransition, ModelState, check_transition
 from router.pool.upstream import SSEParser, UpstreamHTTPError
@@ -211,3 +213,28 @@ def test_leftover_child_keys_go_and_other_files_stay(tmp_path: Path) -> None:
         registry.release()
     assert not leftover.exists()
     assert mine.read_text() == "operator's own key"
+
+
+@pytest.mark.parametrize(
+    ("params", "batches"),
+    [
+        # llama-server refuses an embedding input longer than its micro-batch (512 by
+        # default, capped by --batch-size 256): by default an embedding model gets both at its
+        # context, so every input that fits the context embeds.
+        pytest.param({"n_ctx": 2048}, (2048, 2048), id="embedding-default"),
+        pytest.param({"n_ctx": 32768}, (4096, 4096), id="embedding-capped"),
+        pytest.param({"n_ctx": 2048, "ubatch_size": 300}, (256, 300), id="embedding-ubatch-set"),
+        pytest.param(
+            {"n_ctx": 2048, "batch_override": 1024}, (1024, None), id="embedding-batch-set"
+        ),
+        pytest.param({"n_ctx": 2048, "embedding": False}, (256, None), id="chat"),
+    ],
+)
+def test_an_embedding_model_embeds_inputs_as_long_as_its_context(
+    params: dict[str, object], batches: tuple[int, int | None]
+) -> None:
+    model = {"model_path": "/m.gguf", "params": {"embedding": True, **params}}
+    settings = Settings.model_validate({"models": {"m": model}})
+    spec = launch_spec("m", settings.models["m"], settings)
+    assert (spec.n_batch, spec.ubatch_size) == batches
+    assert spec.micro_batch == min(batches[1] or 512, batches[0])
