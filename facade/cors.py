@@ -48,14 +48,15 @@ def setup_cors(app: web.Application, origins: Sequence[str]) -> None:
         return web.Response(status=204, headers=headers)
 
     async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        if "*" not in allowed:
+            # Every answer depends on the Origin header, those without CORS headers too (no
+            # Origin, or another one): caches must keep one per origin.
+            response.headers.add(hdrs.VARY, hdrs.ORIGIN)
         origin = allowed_origin(request)
         if origin is None:
             return
         response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
         response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = _EXPOSED_HEADERS
-        if origin != "*":
-            # The answer depends on the Origin header; caches must keep one per origin.
-            response.headers.add(hdrs.VARY, hdrs.ORIGIN)
 
     app.middlewares.append(preflight)
     app.on_response_prepare.append(add_headers)

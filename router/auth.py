@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from router.config import ApiKey
-from router.errors import ModelNotFound, PermissionDenied, RateLimited, Unauthenticated
+from router.errors import (
+    ModelNotFound,
+    PermissionDenied,
+    RateLimited,
+    RouterError,
+    Unauthenticated,
+)
 from router.interceptors import Bidi, Stream, Unary, responses, rewrap
 from router.v1 import inference_service_pb2
 
@@ -276,10 +282,16 @@ else:  # generic only in grpc-stubs, not at runtime
 
 class AuthInterceptor(_ServerInterceptor):
     """Authenticate each call, authorize it, and rate-limit it; errors surface as statuses
-    through the error interceptor around this one."""
+    through the error interceptor around this one. ``on_refused`` hears of each refused
+    call with its request (the router counts those for a model in its metrics)."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        on_refused: Callable[[Any, RouterError], None] | None = None,
+    ) -> None:
         self._auth = authenticator
+        self._on_refused = on_refused
 
     async def intercept_service(
         self,
@@ -295,8 +307,13 @@ class AuthInterceptor(_ServerInterceptor):
         metadata = handler_call_details.invocation_metadata or ()
 
         def admit(request: Any) -> Principal:
-            principal = self._auth.authorize(method, metadata)
-            check_request(principal, request)
+            try:
+                principal = self._auth.authorize(method, metadata)
+                check_request(principal, request)
+            except RouterError as error:
+                if self._on_refused is not None:
+                    self._on_refused(request, error)
+                raise
             _current.set(principal)
             return principal
 

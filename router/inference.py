@@ -143,6 +143,11 @@ class GenerateCall:
     body: str
     priority: Priority = Priority.NORMAL
     request_id: str = ""
+    deadline: float | None = None  # the caller's, time.monotonic(); None = no deadline
+
+
+# A cancellation this close to the caller's deadline is that deadline passing.
+_DEADLINE_SLACK_SEC = 0.01
 
 
 class _Tally:
@@ -298,6 +303,26 @@ def apply_limits(
     return changed
 
 
+_MEDIA_PARTS = {"image_url": "image", "input_audio": "audio"}
+
+
+def _check_no_media(parsed: dict[str, Any], alias: str) -> None:
+    """Refuse image and audio content for a model without a projector. llama-server refuses
+    it too, but with a 500, which would reach the caller as a retryable 503."""
+    messages = parsed.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            media = _MEDIA_PARTS.get(kind) if isinstance(kind, str) else None
+            if media is not None:
+                raise InvalidRequest(
+                    f"model '{alias}' does not take {media} input (it runs without a "
+                    "multimodal projector)",
+                    metadata={"param": "messages"},
+                )
+
+
 def upstream_error(error: Exception, lease: Lease | None, supervisor: Supervisor) -> RouterError:
     """Map a failure of the upstream call to what the caller sees."""
     if lease is not None and lease.abort_error is not None:
@@ -371,25 +396,49 @@ class Engine:
         raise WrongModelKind(f"model '{alias}' is an embedding model; use /v1/embeddings")
 
     @contextlib.contextmanager
-    def _observed(self, outcome: RequestOutcome) -> Iterator[RequestOutcome]:
+    def _observed(
+        self, outcome: RequestOutcome, deadline: float | None
+    ) -> Iterator[RequestOutcome]:
         try:
             yield outcome
         except RouterError as error:
             outcome.code, outcome.reason = error.code, error.reason_name
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            outcome.code = grpc.StatusCode.CANCELLED
+            # grpc.aio cancels the handler both when the caller goes and when the caller's
+            # deadline passes; in the second case the caller was told DEADLINE_EXCEEDED.
+            if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_SEC:
+                outcome.code, outcome.reason = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE"
+            else:
+                outcome.code = grpc.StatusCode.CANCELLED
             raise
         except BaseException:
             outcome.code, outcome.reason = grpc.StatusCode.INTERNAL, "INTERNAL"
             raise
         finally:
-            outcome.duration = time.monotonic() - outcome.started
-            for observer in self._observers:
-                observer.record(outcome)
-            _annotate_span(outcome)
-            if _LOGGER.isEnabledFor(logging.DEBUG):  # a line per request only when asked
-                _log_outcome(outcome)
+            self._record(outcome)
+
+    def _record(self, outcome: RequestOutcome) -> None:
+        outcome.duration = time.monotonic() - outcome.started
+        if outcome.first_output and not outcome.ttft:  # it ended early, after output
+            outcome.ttft = outcome.first_output - outcome.started
+        for observer in self._observers:
+            observer.record(outcome)
+        _annotate_span(outcome)
+        if _LOGGER.isEnabledFor(logging.DEBUG):  # a line per request only when asked
+            _log_outcome(outcome)
+
+    def record_refusal(
+        self, model: str, endpoint: str, priority: Priority, error: RouterError
+    ) -> None:
+        """Count a request its key could not make (authentication, scope, rate limit): it never
+        reached ``generate``/``embed``, but it is a 4xx for its model all the same. Only for a
+        configured model, so that labels stay bounded."""
+        if not self._pool.has(model):
+            return
+        outcome = RequestOutcome(model, endpoint, time.monotonic(), priority.name.lower())
+        outcome.code, outcome.reason = error.code, error.reason_name
+        self._record(outcome)
 
     async def complete(self, call: GenerateCall) -> Completion:
         """Run a request whose body does not ask for a stream; return its whole response."""
@@ -412,7 +461,7 @@ class Engine:
             raise InvalidRequest("kind must be chat or completion")
         supervisor = self._pool.get(call.model)
         outcome = RequestOutcome(call.model, call.kind, started, call.priority.name.lower())
-        with self._observed(outcome):
+        with self._observed(outcome, call.deadline):
             self._check_kind(supervisor, ModelKind.CHAT)
             parsed = parse_body(call.body)
             body = call.body
@@ -420,6 +469,8 @@ class Engine:
             changed = apply_limits(
                 parsed, call.kind, settings.spec.n_ctx, settings.max_tokens_cap, self._limits
             )
+            if call.kind == CHAT and not settings.spec.multimodal:
+                _check_no_media(parsed, call.model)
             if parsed.get("model") != call.model or changed:
                 parsed["model"] = call.model
                 body = json.dumps(parsed, separators=(",", ":"))
@@ -434,12 +485,13 @@ class Engine:
                 async for progress in _wait(ticket, started):
                     yield progress
                 outcome.served = True
-                outcome.queue_wait, outcome.load_wait = ticket.queue_wait_sec, ticket.load_wait_sec
+                _waited(outcome, ticket)
                 async for event in self._run(
                     supervisor, ticket.lease, call.kind, body, stream, outcome
                 ):
                     yield event
             finally:
+                _waited(outcome, ticket)  # also when it gave up or timed out waiting
                 ticket.close()
 
     async def _run(
@@ -532,11 +584,12 @@ class Engine:
         model: str,
         inputs: Sequence[str] | Sequence[Sequence[int]],
         priority: Priority = Priority.NORMAL,
+        deadline: float | None = None,
     ) -> EmbedResult:
         started = time.monotonic()
         supervisor = self._pool.get(model)
         outcome = RequestOutcome(model, EMBEDDINGS, started, priority.name.lower())
-        with self._observed(outcome):
+        with self._observed(outcome, deadline):
             self._check_kind(supervisor, ModelKind.EMBEDDING)
             if not inputs:
                 raise InvalidRequest("at least one input is required")
@@ -554,7 +607,7 @@ class Engine:
                 async for _ in ticket.progress():
                     pass
                 outcome.served = True
-                outcome.queue_wait, outcome.load_wait = ticket.queue_wait_sec, ticket.load_wait_sec
+                _waited(outcome, ticket)
                 lease = ticket.lease
                 try:
                     payload = await lease.upstream.post("/v1/embeddings", body)
@@ -570,6 +623,7 @@ class Engine:
                 outcome.prompt_tokens = result.usage.prompt_tokens
                 return result
             finally:
+                _waited(outcome, ticket)
                 ticket.close()
 
 
@@ -612,6 +666,10 @@ def _annotate_span(outcome: RequestOutcome) -> None:
         span.set_attribute("routermodel.finish_reason", outcome.finish_reason)
     if outcome.reason:
         span.set_attribute("routermodel.error_reason", outcome.reason)
+
+
+def _waited(outcome: RequestOutcome, ticket: Ticket) -> None:
+    outcome.queue_wait, outcome.load_wait = ticket.queue_wait_sec, ticket.load_wait_sec
 
 
 async def _wait(ticket: Ticket, started: float) -> AsyncIterator[Queued | Loading]:

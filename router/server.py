@@ -162,8 +162,12 @@ class Router:
         await self.pool.start(traced=self._tracer_provider is not None)
         if self.status_file is not None:
             self.status_file.start()
+        inference = InferenceServicer(self.engine)
         # Outermost first: tracing sees the final status, errors from auth are mapped too.
-        interceptors: list[Any] = [ErrorInterceptor(), AuthInterceptor(self.authenticator)]
+        interceptors: list[Any] = [
+            ErrorInterceptor(),
+            AuthInterceptor(self.authenticator, on_refused=inference.refused),
+        ]
         if self._tracer_provider is not None:
             from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
@@ -181,9 +185,7 @@ class Router:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.engine), server
-        )
+        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
         model_control_service_pb2_grpc.add_ModelControlServiceServicer_to_server(
             ModelControlServicer(
                 self.pool,

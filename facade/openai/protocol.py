@@ -4,7 +4,9 @@ Chat and text completion bodies are checked for the fields the router routes on 
 `stream`), the few whose absence llama-server would report less clearly (`messages`,
 `prompt`), and the shapes llama-server fails on with a 500 instead of a 400 (a message without
 a string `role`, a text part without `text`, a tool or tool call without its type, function and
-name); the original text then travels unchanged, so tools, response_format, logprobs, stop,
+name, both `grammar` and `json_schema`; image or audio parts for a model without a projector
+are the router's to refuse, since only it knows the model); the original text then travels
+unchanged, so tools, response_format, logprobs, stop,
 seed and stream_options reach llama-server exactly as sent. Embedding bodies are read fully,
 because the router takes their inputs as typed lists.
 """
@@ -100,6 +102,8 @@ def parse_generation_request(text: str, kind: GenerateKind) -> GenerationRequest
                 _check_function(tool, "tools", "a tool")
     elif body.get("prompt") is None:
         raise _invalid("you must provide a prompt parameter", "prompt")
+    if body.get("grammar") is not None and body.get("json_schema") is not None:
+        raise _invalid("'grammar' and 'json_schema' each constrain the output: not both", "grammar")
     return GenerationRequest(model, stream, text)
 
 

@@ -40,10 +40,21 @@ class LaunchSpec:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
+    def multimodal(self) -> bool:
+        """Whether the child takes image and audio input: ``extra_args`` give it a projector."""
+        flags = {arg.split("=", 1)[0] for arg in self.extra_args}
+        return bool(flags & _PROJECTOR_FLAGS) and "--no-mmproj" not in flags
+
+    @property
     def micro_batch(self) -> int:
         """Tokens llama-server computes at once (its default 512, capped by the batch): the
         longest input an embedding model takes."""
         return min(self.ubatch_size or 512, self.n_batch)
+
+
+# llama-server's flags for a multimodal projector (file or URL); without one it refuses image and
+# audio input.
+_PROJECTOR_FLAGS = frozenset({"--mmproj", "-mm", "--mmproj-url", "-mmu"})
 
 
 def build_command(spec: LaunchSpec, *, port: int, api_key_file: Path) -> list[str]:

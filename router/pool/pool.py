@@ -277,6 +277,9 @@ class Pool:
     def supervisors(self) -> list[Supervisor]:
         return list(self._supervisors.values())
 
+    def has(self, alias: str) -> bool:
+        return alias in self._supervisors
+
     def snapshots(self) -> tuple[ModelSnapshot, ...]:
         return tuple(sup.snapshot() for sup in self._supervisors.values())
 

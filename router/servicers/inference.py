@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from router.errors import InvalidRequest
-from router.inference import Engine, GenerateCall, new_request_id
+from router.errors import InvalidRequest, RouterError
+from router.inference import CHAT, EMBEDDINGS, Engine, GenerateCall, new_request_id
 from router.logs import request_id
 from router.scheduler.queue import Priority
 from router.servicers.convert import (
@@ -49,7 +50,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             list(request.inputs) if request.inputs else [list(t.ids) for t in request.token_inputs]
         )
         result = await self._engine.embed(
-            request.model, inputs, PRIORITY_FROM_PB.get(request.priority, Priority.NORMAL)
+            request.model,
+            inputs,
+            PRIORITY_FROM_PB.get(request.priority, Priority.NORMAL),
+            _deadline(context),
         )
         return ipb.EmbedResponse(
             embeddings=[ipb.Embedding(index=i, values=v) for i, v in enumerate(result.vectors)],
@@ -57,6 +61,17 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 prompt_tokens=result.usage.prompt_tokens, total_tokens=result.usage.total_tokens
             ),
         )
+
+    def refused(self, request: object, error: RouterError) -> None:
+        """Count an inference call its key could not make (see ``Engine.record_refusal``)."""
+        if isinstance(request, ipb.EmbedRequest):
+            endpoint = EMBEDDINGS
+        elif isinstance(request, (ipb.GenerateRequest, ipb.CompleteRequest)):
+            endpoint = KIND_FROM_PB.get(request.kind, CHAT)
+        else:
+            return
+        priority = PRIORITY_FROM_PB.get(request.priority, Priority.NORMAL)
+        self._engine.record_refusal(request.model, endpoint, priority, error)
 
 
 def _call(request: ipb.GenerateRequest | ipb.CompleteRequest, context: Context) -> GenerateCall:
@@ -69,7 +84,14 @@ def _call(request: ipb.GenerateRequest | ipb.CompleteRequest, context: Context) 
         body=request.body,
         priority=PRIORITY_FROM_PB.get(request.priority, Priority.NORMAL),
         request_id=_request_id(request.request_id, context),
+        deadline=_deadline(context),
     )
+
+
+def _deadline(context: Context) -> float | None:
+    """The caller's deadline on the time.monotonic() clock; None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _request_id(given: str, context: Context) -> str:

@@ -3,9 +3,10 @@
 Labels are bounded: ``model`` only ever takes configured aliases (series are
 created at start for each of them, and a request for an unknown alias is
 refused before anything is counted), ``status`` is a class (2xx, 4xx, 5xx,
-cancelled), ``reason`` an ErrorReason name. Point-in-time values (in flight,
-queued, memory) are read at scrape time by a collector that only reads: a
-scrape never loads a model or touches an idle timer.
+cancelled), ``reason`` an ErrorReason name (or DEADLINE: the caller's own
+deadline passed). Point-in-time values (in flight, queued, memory) are read at
+scrape time by a collector that only reads: a scrape never loads a model or
+touches an idle timer.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class RouterMetrics:
         )
         self.queue_wait = Histogram(
             f"{PREFIX}_queue_wait_seconds",
-            "Time requests waited for a slot (loads excluded).",
+            "Time requests waited for a slot (loads excluded; those that gave up included).",
             ["model"],
             buckets=_SECONDS,
             registry=r,
@@ -157,7 +158,7 @@ class RouterMetrics:
         )
         self.ttft = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
-            "Time from a request's arrival to its first upstream output.",
+            "Time from a streamed request's arrival to its first upstream output.",
             ["model"],
             buckets=_SECONDS,
             registry=r,
@@ -256,12 +257,13 @@ class RouterMetrics:
         model = outcome.model
         self.requests.labels(model, outcome.endpoint, status_class(outcome.code)).inc()
         self.duration.labels(model, outcome.endpoint).observe(outcome.duration)
+        if outcome.served or outcome.queue_wait:  # those that gave up waiting count too
+            self.queue_wait.labels(model).observe(outcome.queue_wait)
         if not outcome.served:
             if outcome.code is not None and outcome.code is not grpc.StatusCode.CANCELLED:
                 self.rejections.labels(model, outcome.reason.lower() or "unknown").inc()
             return
-        self.queue_wait.labels(model).observe(outcome.queue_wait)
-        if outcome.ttft:
+        if outcome.ttft and outcome.streamed:  # a whole response is no first token
             self.ttft.labels(model).observe(outcome.ttft)
         if outcome.inter_token:
             self.inter_token.labels(model).observe(outcome.inter_token)

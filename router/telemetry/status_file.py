@@ -104,6 +104,7 @@ class StatusFileWriter:
         self._full_status = full_status
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[None] | None = None  # the last write's thread
 
     def start(self) -> None:
         self._dirty.set()
@@ -128,9 +129,17 @@ class StatusFileWriter:
         await self._write()  # a failure is a warning, as while running: the shutdown goes on
 
     async def _write(self) -> bool:
-        """Write the current state; whether it was written (a failure is logged)."""
+        """Write the current state; whether it was written (a failure is logged).
+
+        One write at a time, to its end: cancelling the loop's await does not stop its thread,
+        and that older write's rename could otherwise land after the final one.
+        """
+        if self._writing is not None:
+            await asyncio.wait({self._writing})
+        text = render(self._full_status())
+        self._writing = asyncio.ensure_future(asyncio.to_thread(write_atomic, self.path, text))
         try:
-            await asyncio.to_thread(write_atomic, self.path, render(self._full_status()))
+            await asyncio.shield(self._writing)
         except OSError as error:
             _LOGGER.warning("cannot write %s: %s", self.path, error)
             return False

@@ -99,7 +99,7 @@ class RollingSummary:
                 model=outcome.model,
                 status=status_class(outcome.code),
                 duration=outcome.duration,
-                ttft=outcome.ttft,
+                ttft=outcome.ttft if outcome.streamed else 0.0,
                 prompt_tokens=outcome.prompt_tokens,
                 completion_tokens=outcome.completion_tokens,
             )

@@ -298,6 +298,9 @@ async def test_the_body_reaches_the_router_unchanged(facade: Facade) -> None:
          '{"model": "chat", "messages": [{"role": "user"}], "tools": [{"type": "function", '
          '"function": {"name": "f", "description": null}}]}', "tools", "'description'"),
         ("/v1/completions", '{"model": "chat"}', "prompt", "prompt"),
+        ("/v1/completions",
+         '{"model": "chat", "prompt": "hi", "grammar": "root ::= \\"a\\"", "json_schema": {}}',
+         "grammar", "not both"),
         ("/v1/completions", '{"model": "chat", "prompt": null}', "prompt", "prompt"),
         ("/v1/completions", '{"prompt": "hi"}', "model", "model"),
     ],

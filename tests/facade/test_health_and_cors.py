@@ -92,8 +92,13 @@ async def test_a_listed_origin_gets_cors_headers(cors: Facade) -> None:
 
 async def test_another_origin_gets_none(cors: Facade) -> None:
     response = await cors.http.get("/health", headers={"Origin": "http://evil.example"})
+    no_origin = await cors.http.get("/health")
 
     assert "Access-Control-Allow-Origin" not in response.headers
+    # Still an answer that depends on the Origin header: a cache must not hand it to the
+    # listed origin (before: no Vary on these two).
+    assert "Origin" in response.headers.getall("Vary")
+    assert "Origin" in no_origin.headers.getall("Vary")
 
 
 async def test_a_preflight_is_answered(cors: Facade) -> None:

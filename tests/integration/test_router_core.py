@@ -423,3 +423,25 @@ async def test_a_body_within_the_limit_is_never_too_large_for_the_router(
         async with RouterClient(f"127.0.0.1:{router.port}", max_message_bytes=2 * limit) as client:
             with pytest.raises(InvalidRequestError, match="too many inputs"):
                 await client.embed("embed", inputs)
+
+
+@pytest.mark.parametrize(
+    ("part", "media"),
+    [
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "image"),
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "audio"),
+    ],
+)
+async def test_media_for_a_model_without_a_projector_is_the_callers_error(
+    tmp_path: Path, tiny_chat: Path, part: dict[str, Any], media: str
+) -> None:
+    # Before: llama-server refuses it with a 500, which reached the caller as a retryable 503
+    # (the OpenAI SDK retried it twice).
+    body = {"messages": [{"role": "user", "content": [part]}], "max_tokens": 2}
+    async with running_router(settings_for(tmp_path, {"chat": chat_model(tiny_chat)})) as (
+        router,
+        client,
+    ):
+        with pytest.raises(InvalidRequestError, match=f"does not take {media} input"):
+            await client.complete("chat", body)
+        assert router.pool.get("chat").state.value == "stopped"  # refused before a load

@@ -390,3 +390,50 @@ def test_non_loopback_without_keys_is_refused(tmp_path: Path, tiny_chat: Path) -
     )
     assert result.returncode != 0
     assert "auth.api_keys" in result.stderr and "--insecure-listen" in result.stderr
+
+
+def refusals(router: Any, model: str, endpoint: str) -> tuple[float, dict[str, float]]:
+    """A model's 4xx count on ``endpoint``, and its rejections by reason (non-zero ones)."""
+    registry = router.metrics.registry
+    labels = {"model": model, "endpoint": endpoint, "status": "4xx"}
+    errors = registry.get_sample_value("routermodel_requests_total", labels) or 0.0
+    reasons = {
+        s.labels["reason"]: s.value
+        for family in router.metrics.rejections.collect()
+        for s in family.samples
+        if s.name.endswith("_total") and s.labels["model"] == model and s.value
+    }
+    return errors, reasons
+
+
+async def test_calls_a_key_cannot_make_count_for_their_model(
+    tmp_path: Path, tiny_chat: Path, tiny_embed: Path
+) -> None:
+    # Before: refused in the interceptor, they counted nowhere in the router's metrics or
+    # summary (its rejections{reason="rate_limited"} could never appear).
+    settings = keyed_settings(tmp_path, tiny_chat, tiny_embed)
+    async with running_router(settings) as (router, anonymous):
+        target = f"127.0.0.1:{router.port}"
+        with pytest.raises(AuthenticationError):
+            await generate(anonymous)
+        async with RouterClient(target, api_key=KEYS["limited"]) as limited:
+            for _ in range(2):
+                await generate(limited)
+            with pytest.raises(RateLimitError):
+                await generate(limited)
+            with pytest.raises(RateLimitError):
+                await limited.embed("embed", ["hello"])
+        async with RouterClient(target, api_key=KEYS["inference"]) as inference:
+            with pytest.raises(ModelNotFoundError):
+                await generate(inference, "unconfigured")  # no series for a name never set up
+
+        assert refusals(router, "chat", "chat") == (
+            2,
+            {"unauthenticated": 1, "rate_limited": 1},
+        )
+        assert refusals(router, "embed", "embeddings") == (1, {"rate_limited": 1})
+        assert "unconfigured" not in {
+            s.labels["model"] for f in router.metrics.requests.collect() for s in f.samples
+        }
+        summary = router.summary.summary().per_model["chat"]
+        assert (summary.requests, summary.errors_4xx) == (4, 2)

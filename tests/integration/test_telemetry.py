@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients import Chunk, End, GenerateEvent, ModelNotFoundError, RateLimitError, RouterClient
-from clients.errors import UnavailableError, WrongModelKindError
+from clients.errors import DeadlineExceededError, UnavailableError, WrongModelKindError
 from facade.app import create_app
 from router.server import Router
 from router.v1 import model_control_service_pb2 as mpb
@@ -28,6 +28,7 @@ from tests.helpers import (
     REPO,
     chat_model,
     embed_model,
+    fake_server,
     free_port,
     router_process,
     running_router,
@@ -539,3 +540,61 @@ async def test_child_logs_rpc_is_capped(tmp_path: Path, tiny_chat: Path) -> None
     assert huge == newest and huge[0].startswith("line ")
     assert len(default) == 200 and few == huge[-5:]
     assert negative.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def sample(router: Router, name: str, **labels: str) -> float:
+    return router.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def requests_by_status(router: Router, model: str) -> dict[str, float]:
+    return {
+        status: sample(
+            router, "routermodel_requests_total", model=model, endpoint="chat", status=status
+        )
+        for status in ("2xx", "4xx", "5xx", "cancelled")
+    }
+
+
+async def test_early_ends_keep_their_ttft_deadline_and_queue_wait(
+    tmp_path: Path, tiny_chat: Path
+) -> None:
+    # Found by review; each failed before its fix: a stream that ended early (cancelled, or
+    # its caller's deadline passed) after output recorded no TTFT; a passed deadline (the
+    # caller saw DEADLINE_EXCEEDED, a 504) counted as cancelled; a request that timed out in
+    # the queue was left out of the queue-wait histogram.
+    fake = fake_server(tmp_path, "--token-delay", "0.02")
+    model = chat_model(tiny_chat, parallel_override=1)  # the fake serves it; one slot
+    system = {"llama_server_path": fake, "queue_timeout_sec": 0.3}
+    stream = {**PROMPT, "stream": True, "max_tokens": 200}
+    async with running_router(settings_for(tmp_path, {"m": model}, system=system)) as (
+        router,
+        client,
+    ):
+        await client.load("m")
+        # A caller that leaves after its first chunks.
+        async for event in client.generate("m", stream):
+            if isinstance(event, Chunk) and event.text:
+                break
+        await wait_until(lambda: router.pool.get("m").in_flight == 0, 5)
+        assert sample(router, "routermodel_time_to_first_token_seconds_count", model="m") == 1
+        assert requests_by_status(router, "m")["cancelled"] == 1
+
+        # A caller whose deadline passes mid-stream.
+        with pytest.raises(DeadlineExceededError):
+            async for _ in client.generate("m", stream, timeout=0.3):
+                pass
+        await wait_until(lambda: router.pool.get("m").in_flight == 0, 5)
+        assert requests_by_status(router, "m") == {"2xx": 0, "4xx": 0, "5xx": 1, "cancelled": 1}
+        assert sample(router, "routermodel_time_to_first_token_seconds_count", model="m") == 2
+
+        # A request that times out waiting while another holds the only slot.
+        holder = client.generate("m", stream)
+        await anext(holder)
+        with pytest.raises(DeadlineExceededError):
+            await run(client, "m", max_tokens=2)
+        await holder.aclose()
+        await wait_until(lambda: router.pool.get("m").in_flight == 0, 5)
+        waits = sample(router, "routermodel_queue_wait_seconds_count", model="m")
+        slow = sample(router, "routermodel_queue_wait_seconds_bucket", model="m", le="0.25")
+        assert waits == 4  # the timed-out one included
+        assert waits - slow == 1  # it waited its 0.3 s

@@ -238,3 +238,20 @@ def test_an_embedding_model_embeds_inputs_as_long_as_its_context(
     spec = launch_spec("m", settings.models["m"], settings)
     assert (spec.n_batch, spec.ubatch_size) == batches
     assert spec.micro_batch == min(batches[1] or 512, batches[0])
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "multimodal"),
+    [
+        ((), False),
+        (("--mmproj", "p.gguf"), True),
+        (("-mm", "p.gguf"), True),
+        (("--mmproj-url=https://x/p.gguf",), True),
+        (("--mmproj", "p.gguf", "--no-mmproj"), False),
+        (("--top-k", "5"), False),
+    ],
+)
+def test_a_child_takes_media_only_with_a_projector(
+    extra_args: tuple[str, ...], multimodal: bool
+) -> None:
+    assert _spec(extra_args=extra_args).multimodal is multimodal

@@ -1,13 +1,21 @@
-"""The status hub's revisions: what a subscriber is told it has seen, and how streams end."""
+"""The status hub's revisions (what a subscriber is told it has seen, how streams end), and the
+status file's last write."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from router.pool.snapshot import LoadStage, ModelKind, ModelSnapshot
 from router.pool.state import ModelState
 from router.status import FullStatus, Heartbeat, ServerSnapshot, ServerState, StatusEvent, StatusHub
+from router.telemetry import status_file
 
 
 def model(state: ModelState) -> ModelSnapshot:
@@ -71,3 +79,34 @@ async def test_closing_ends_every_stream_after_what_was_published() -> None:
 
     assert (await asyncio.wait_for(reading, 1)).revision == 1
     assert [e async for e in events] == []  # ended, not waiting for the next heartbeat
+
+
+async def test_the_status_files_final_write_is_the_last_to_land(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by review: stopping cancelled the writer's await, not its thread; that older write
+    # (here slowed by a slow disk) renamed its file after the final one.
+    state = ServerState.SERVING
+    slow = threading.Event()
+
+    def full_status() -> FullStatus:
+        return FullStatus(ServerSnapshot(state, 0.0, "e", "t", True, 0.0), ())
+
+    write_atomic = status_file.write_atomic
+
+    def write(path: Path, document: dict[str, Any]) -> None:
+        if document["server"]["state"] == "serving":
+            slow.set()
+            time.sleep(0.3)
+        write_atomic(path, document)
+
+    monkeypatch.setattr(status_file, "write_atomic", write)
+    path = tmp_path / "model_status.json"
+    writer = status_file.StatusFileWriter(path, full_status)
+    writer.start()
+    await asyncio.to_thread(slow.wait, 5)  # the first write is under way
+    state = ServerState.SHUTTING_DOWN
+    await writer.stop()
+
+    await asyncio.sleep(0.5)  # past the slow write's end, whenever it lands
+    assert json.loads(path.read_text())["server"]["state"] == "shutting_down"
