@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+import sys
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from operator import attrgetter
 from types import TracebackType
@@ -14,7 +16,7 @@ import grpc
 import grpc.aio
 from google.protobuf import timestamp_pb2
 
-from clients.errors import UnavailableError, map_rpc_errors
+from clients.errors import RequestCancelledError, UnavailableError, map_rpc_errors
 from clients.events import (
     Chunk,
     Completion,
@@ -73,10 +75,15 @@ _LOAD_STAGES = _enum_names(model_pb2.LoadStage.items(), "LOAD_STAGE_")
 _SERVER_STATES = _enum_names(model_pb2.ServerState.items(), "SERVER_STATE_")
 
 
+# The largest reply the router sends (its own send limit): a batch of embeddings can be far
+# larger than any request.
+_MAX_REPLY_BYTES = 256 * 1024 * 1024
+
+
 def _channel_options(max_message_bytes: int) -> dict[str, Any]:
     return {
         "grpc.max_send_message_length": max_message_bytes,
-        "grpc.max_receive_message_length": max_message_bytes,
+        "grpc.max_receive_message_length": max(max_message_bytes, _MAX_REPLY_BYTES),
         # Generate and WatchModels streams can stay silent for minutes (queued, loading, no
         # status change); pings find a dead router or a dropped connection meanwhile. A
         # default grpc server accepts this rate on an active call, and the client stops
@@ -110,8 +117,9 @@ class RouterClient:
     * **api_key** - *(optional)* sent as `authorization: Bearer <key>` on every call. Leave it
       unset when forwarding each caller's own key through per-call `metadata`.
     * **credentials** - *(optional)* TLS channel credentials; the channel is plaintext without.
-    * **max_message_bytes** - *(optional)* the largest message sent or received; keep it equal to
-      the router's limit. A request over it fails with `RequestTooLargeError`.
+    * **max_message_bytes** - *(optional)* the largest request sent; keep it equal to the
+      router's limit. A request over it fails with `RequestTooLargeError`. Replies of up to
+      256 MiB (what the router sends at most) are received whatever it is.
     * **interceptors** - *(optional)* grpc.aio client interceptors, e.g. for tracing.
     * **options** - *(optional)* extra grpc channel arguments; they override the client's.
     """
@@ -141,6 +149,7 @@ class RouterClient:
             )
         self._inference = inference_service_pb2_grpc.InferenceServiceStub(self._channel)
         self._control = model_control_service_pb2_grpc.ModelControlServiceStub(self._channel)
+        self._closed = False
 
     @property
     def target(self) -> str:
@@ -164,7 +173,8 @@ class RouterClient:
         return self._control
 
     async def close(self) -> None:
-        """Close the channel, cancelling the calls still running on it."""
+        """Close the channel; the calls still running on it fail with `RequestCancelledError`."""
+        self._closed = True
         await self._channel.close(None)
 
     async def __aenter__(self) -> RouterClient:
@@ -226,7 +236,7 @@ class RouterClient:
     ) -> AsyncGenerator[GenerateEvent, None]:
         call = self._inference.Generate(request, timeout=timeout, metadata=metadata)
         try:
-            with map_rpc_errors():
+            with self._call_errors():
                 async for response in call:
                     # Chunks are almost every message: test for them first, and keep their
                     # data as the message's own sequence rather than copying it.
@@ -353,7 +363,7 @@ class RouterClient:
         response = await self._unary(
             self._control.LoadModel,
             model_control_service_pb2.LoadModelRequest(
-                model=model, wait=wait, timeout_sec=timeout or 0.0
+                model=model, wait=wait, timeout_sec=_seconds(timeout, "timeout")
             ),
             None if timeout is None else timeout + _LOAD_DEADLINE_SLACK_SEC,
             metadata,
@@ -377,7 +387,7 @@ class RouterClient:
         response = await self._unary(
             self._control.UnloadModel,
             model_control_service_pb2.UnloadModelRequest(
-                model=model, force=force, drain_timeout_sec=drain_timeout or 0.0
+                model=model, force=force, drain_timeout_sec=_seconds(drain_timeout, "drain_timeout")
             ),
             timeout,
             metadata,
@@ -424,7 +434,7 @@ class RouterClient:
     ) -> AsyncGenerator[WatchEvent, None]:
         call = self._control.WatchModels(request, timeout=timeout, metadata=metadata)
         try:
-            with map_rpc_errors():
+            with self._call_errors():
                 async for response in call:
                     event = _watch_event(response)
                     if event is not None:
@@ -439,11 +449,42 @@ class RouterClient:
         timeout: float | None,
         metadata: Sequence[tuple[str, str]],
     ) -> _Response:
-        with map_rpc_errors():
+        with self._call_errors():
             return await method(request, timeout=timeout, metadata=self._call_metadata(metadata))
+
+    @contextlib.contextmanager
+    def _call_errors(self) -> Iterator[None]:
+        """`map_rpc_errors`, and a call that `close()` cancelled as `RequestCancelledError`: its
+        task was not cancelled, and must not look as if it had been."""
+        try:
+            with map_rpc_errors():
+                yield
+        except asyncio.CancelledError:
+            if self._closed and not _cancelling(asyncio.current_task()):
+                raise RequestCancelledError(
+                    "the client was closed during the call", code=grpc.StatusCode.CANCELLED
+                ) from None
+            raise
 
     def _call_metadata(self, extra: Sequence[tuple[str, str]]) -> Sequence[tuple[str, str]]:
         return (*self._metadata, *extra) if extra else self._metadata
+
+
+def _cancelling(task: asyncio.Task[Any] | None) -> bool:
+    """Whether someone cancelled ``task`` (Python 3.11 can tell; on 3.10 it is assumed not)."""
+    if sys.version_info >= (3, 11) and task is not None:
+        return task.cancelling() > 0
+    return False
+
+
+def _seconds(value: float | None, name: str) -> float:
+    """A duration for the router, where 0 means its default: None is that default, and a
+    value must be positive (0 would silently become the default too)."""
+    if value is None:
+        return 0.0
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, or None for the default")
+    return value
 
 
 def _generation(

@@ -27,9 +27,6 @@ __all__ = ["create_app", "router_metrics_url", "router_target"]
 DEFAULT_KEEPALIVE_SEC = 10.0
 # How long shutdown waits for the streams it ended to send their last frame.
 _STREAM_STOP_TIMEOUT_SEC = 2.0
-# Replies (e.g. a large embeddings batch) may exceed the request body limit: receive what the
-# router may send. Requests stay within api.max_message_bytes.
-_MAX_REPLY_BYTES = 256 * 1024 * 1024
 # Find a restarted router within about a second, whatever backoff the channel reached while it
 # was away (gRPC's default grows to two minutes).
 _RECONNECT_OPTIONS = (
@@ -114,7 +111,7 @@ def _router_client(
         client = RouterClient(
             router_target(settings.grpc),
             credentials=None if tls is None else channel_credentials(tls),
-            max_message_bytes=max(settings.api.max_message_bytes, _MAX_REPLY_BYTES),
+            max_message_bytes=settings.api.max_message_bytes,
             options=_RECONNECT_OPTIONS,
             interceptors=() if tracer_provider is None else client_interceptors(tracer_provider),
         )

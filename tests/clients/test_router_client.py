@@ -756,3 +756,71 @@ def _default_model_info(alias: str) -> ModelInfo:
         load_stage="unspecified",
         created_at=None,
     )
+
+
+# Found by review; each failed before its fix
+
+
+async def test_a_reply_larger_than_the_request_limit_is_received() -> None:
+    # Before: the request limit (8 MiB by default) bounded replies too, and a large batch of
+    # embeddings, computed by the router, failed as RequestTooLargeError.
+    dims, count = 1024, 2048
+    options = [("grpc.max_send_message_length", 256 * 1024 * 1024)]  # as the router's
+    async with serve_fake_router(options=options) as (fake, target):
+        fake.responses["Embed"] = inference_service_pb2.EmbedResponse(
+            embeddings=[
+                inference_service_pb2.Embedding(index=i, values=[0.5] * dims) for i in range(count)
+            ]
+        )
+        assert fake.responses["Embed"].ByteSize() > 8 * 1024 * 1024
+        async with RouterClient(target) as client:
+            result = await client.embed("embed", ["hello"] * count)
+    assert len(result.embeddings) == count
+
+
+async def test_calls_cut_by_close_fail_as_cancelled_requests(
+    router: tuple[FakeRouter, RouterClient],
+) -> None:
+    # Before: they raised a bare asyncio.CancelledError in tasks nobody had cancelled.
+    fake, client = router
+    fake.hold_streams_open = True
+
+    async def stream() -> None:
+        async for _ in client.generate("chat", CHAT_BODY):
+            pass
+
+    calls = [
+        asyncio.create_task(stream()),
+        asyncio.create_task(client.complete("chat", {**CHAT_BODY, "stream": False})),
+    ]
+    await wait_for_calls(fake, 2)
+    await client.close()
+
+    for call in calls:
+        with pytest.raises(clients.RequestCancelledError):
+            await call
+        assert not call.cancelled()
+
+
+async def wait_for_calls(fake: FakeRouter, count: int) -> None:
+    async def reached() -> None:
+        while len(fake.calls) < count:
+            fake.called.clear()
+            await fake.called.wait()
+
+    await asyncio.wait_for(reached(), EVENTUALLY)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan")])
+async def test_a_duration_that_is_not_positive_is_refused(
+    router: tuple[FakeRouter, RouterClient], value: float
+) -> None:
+    # Before: 0 travelled as "the router's default" (the proto's unset value); a load's
+    # deadline was then 5 s while the router waited its whole wait_ready_sec.
+    fake, client = router
+    fake.models = {"chat": make_model("chat")}
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        await client.load("chat", timeout=value)
+    with pytest.raises(ValueError, match="drain_timeout must be a positive number"):
+        await client.unload("chat", drain_timeout=value)
+    assert fake.calls == []
