@@ -7,7 +7,7 @@ import time
 import grpc
 
 from router.telemetry.records import RequestOutcome
-from router.telemetry.summary import RollingSummary
+from router.telemetry.summary import SAMPLE_LIMIT, RollingSummary
 
 
 def _outcome(model: str, code: grpc.StatusCode | None = None, tokens: int = 0) -> RequestOutcome:
@@ -31,3 +31,21 @@ def test_a_restricted_summary_counts_only_the_models_given() -> None:
     assert mine.total.requests == 1  # no trace of 'other' in the totals either
     assert mine.total.errors_4xx == mine.total.errors_5xx == 0
     assert mine.total == mine.per_model["chat"]
+
+
+def test_counts_stay_exact_past_the_percentile_sample() -> None:
+    # Found by review: the summary kept at most 100,000 requests per window and silently
+    # stopped counting beyond (requests, errors and tokens all under-reported).
+    summary = RollingSummary(["chat"])
+    count = SAMPLE_LIMIT + 500
+    for index in range(count):
+        code = grpc.StatusCode.UNAVAILABLE if index % 100 == 0 else None
+        summary.record(_outcome("chat", code, tokens=2))
+
+    stats = summary.summary().total
+    assert (stats.requests, stats.errors_5xx, stats.completion_tokens) == (
+        count,
+        len(range(0, count, 100)),
+        2 * count,
+    )
+    assert stats.latency_p50_ms == 10.0  # from the sample
