@@ -454,6 +454,17 @@ class Supervisor:
         except Exception as error:  # gguf raises ValueError, OSError, struct.error...
             _LOGGER.warning("%s: cannot read the GGUF header: %s", self.alias, error)
             raise LoadError(MODEL_UNREADABLE) from None
+        if 0 < facts.context_length < spec.n_ctx:
+            # llama-server caps each slot there (n_ctx_slot), so a request stops at that many
+            # tokens (prompt + output) with finish_reason "length", whatever n_ctx promises.
+            _LOGGER.warning(
+                "%s: n_ctx %d is more than the model's training context, %d: llama-server "
+                "gives each request at most %d tokens",
+                self.alias,
+                spec.n_ctx,
+                facts.context_length,
+                facts.context_length,
+            )
         self.estimate = estimate_memory(
             facts,
             n_ctx=spec.n_ctx,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -445,3 +446,20 @@ async def test_media_for_a_model_without_a_projector_is_the_callers_error(
         with pytest.raises(InvalidRequestError, match=f"does not take {media} input"):
             await client.complete("chat", body)
         assert router.pool.get("chat").state.value == "stopped"  # refused before a load
+
+
+async def test_an_n_ctx_past_the_training_context_is_reported_at_start(
+    tmp_path: Path, tiny_chat: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # llama-server caps each slot at the model's training context (tiny-chat: 2048): measured,
+    # max_tokens 60000 at n_ctx 65536 ends after 2,022 tokens with "length". Say so at start.
+    models = {"big": chat_model(tiny_chat, n_ctx=8192), "fits": chat_model(tiny_chat, n_ctx=2048)}
+    with caplog.at_level(logging.WARNING, logger="router.pool.supervisor"):
+        async with running_router(settings_for(tmp_path, models)) as (router, _):
+            supervisors = router.pool.supervisors()
+            await wait_until(lambda: all(s.estimate is not None for s in supervisors), 10)
+    warned = [r.getMessage() for r in caplog.records if "training context" in r.getMessage()]
+    assert warned == [
+        "big: n_ctx 8192 is more than the model's training context, 2048: llama-server gives "
+        "each request at most 2048 tokens"
+    ]
